@@ -1,0 +1,78 @@
+"""The DiT's attention operator: the one object through which every attention in the model runs.
+
+The blocks never call an attention function directly; they call ``model.attention_op``. Swapping that
+object is how block-sparse attention (``BlockSparseAttentionOp``) and context parallelism
+(``parallel.context_parallel``) plug in without touching the model.
+
+An operator also owns *where tokens live*: ``shard_tokens``/``gather_tokens`` map the full token grid
+``[B, T, H, W, ...]`` (patch units) to the part this process computes and back. The default keeps
+everything local. A context-parallel operator shards along H (whole 3D blocks per rank), so the
+condition/noisy split along T stays local on every rank.
+
+Grids passed to ``self_attention`` are the *local* (T, H, W) token grids of the queries and keys, tokens
+in T-H-W raster order; for the noisy-queries call, the key grid starts ``kv_grid[0] - q_grid[0]`` frames
+earlier than the query grid (the condition frames).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.attention import dense_attention
+
+Grid = tuple[int, int, int]
+
+
+class AttentionOp:
+    """Dense attention on one process (SDPA, or flash-attn on GPU when installed)."""
+
+    name = "dense"
+
+    def shard_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, H, W, ...]`` (full grid) -> this process's part. Also used for RoPE tables (no batch:
+        ``[T, H, W, ...]`` is passed with a leading batch of 1)."""
+        return x
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``shard_tokens`` with gradients flowing back to the local part."""
+        return x
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_grid: Grid, kv_grid: Grid
+                       ) -> torch.Tensor:
+        """Video self-attention: ``q [B, Sq, H, D]`` over ``k, v [B, Sk, H, D]`` (RoPE already applied)."""
+        return dense_attention(q, k, v)
+
+    def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Text cross-attention; ``key_mask [B, L]`` is True on real (non-padding) text tokens."""
+        return dense_attention(q, k, v, key_mask=key_mask)
+
+
+class BlockSparseAttentionOp(AttentionOp):
+    """3D block-sparse attention (SPEC section 5) on video tokens; dense when the clip has one frame."""
+
+    name = "bsa"
+
+    def __init__(self, sparsity: float = 0.9375, block_shape: Grid = (4, 4, 4), cdf_threshold: float | None = None,
+                 backend: str = "auto"):
+        self.sparsity = sparsity
+        self.block_shape = tuple(block_shape)
+        self.cdf_threshold = cdf_threshold
+        self.backend = backend
+
+    def self_attention(self, q, k, v, q_grid, kv_grid):
+        if q_grid[0] <= 1 and kv_grid[0] <= 1:
+            return dense_attention(q, k, v)
+        from kernels.bsa import block_sparse_attention
+
+        return block_sparse_attention(q, k, v, latent_shape=q_grid, kv_latent_shape=kv_grid,
+                                      block_shape=self.block_shape, sparsity=self.sparsity,
+                                      cdf_threshold=self.cdf_threshold, backend=self.backend)
+
+
+def build_attention_op(cfg) -> AttentionOp:
+    """The operator a ``DiTConfig`` asks for."""
+    if cfg.attention == "bsa":
+        return BlockSparseAttentionOp(cfg.bsa.sparsity, tuple(cfg.bsa.chunk_3d_shape_q), cfg.bsa.cdf_threshold,
+                                      cfg.bsa.backend)
+    return AttentionOp()
