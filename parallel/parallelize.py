@@ -16,8 +16,6 @@ def apply_activation_checkpointing(model: torch.nn.Module, every: int) -> None:
     for i, block in enumerate(model.blocks):
         if i % every == 0:
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-    # Blocks read the model's attention operator; re-point the wrapped ones.
-    model.attention_op = model.attention_op
 
 
 def parallelize_model(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> torch.nn.Module:
@@ -26,5 +24,4 @@ def parallelize_model(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelC
     if cfg.compile:
         for i, block in enumerate(model.blocks):
             model.blocks[i] = torch.compile(block)
-        model.attention_op = model.attention_op
     return model

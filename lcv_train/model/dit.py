@@ -176,13 +176,11 @@ class LongCatBlock(nn.Module):
         self.pre_crs_attn_norm = nn.LayerNorm(dim, eps=cfg.norm_eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.norm_eps)
         self.ffn = FeedForward(dim, cfg.ffn_hidden_size)
-        # Set by LongCatDiT so that swapping the model's operator reaches every block; not a submodule.
-        self.attention_op: AttentionOp | None = None
 
-    def forward(self, x, temb, y, key_mask, cos, sin, num_cond: int, grid: Grid,
+    def forward(self, x, temb, y, key_mask, cos, sin, num_cond: int, grid: Grid, op: AttentionOp,
                 cache: BlockCache | None = None, cache_mode: str | None = None):
-        """x ``[B, T, S, C]``; temb ``[B, T, A]`` fp32; y ``[B, L, C]`` embedded text (unused for cache writes)."""
-        op = self.attention_op
+        """x ``[B, T, S, C]``; temb ``[B, T, A]`` fp32; y ``[B, L, C]`` embedded text (unused for cache writes);
+        ``op`` is the model's attention operator."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             mods = self.adaLN_modulation(temb.to(self.adaLN_modulation[1].weight.dtype)).float()
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mods[:, :, None, :].chunk(6, dim=-1)
@@ -232,6 +230,7 @@ class LongCatDiT(nn.Module):
         self.y_embedder = CaptionEmbedder(cfg.caption_channels, dim)
         self.blocks = nn.ModuleList([LongCatBlock(cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg)
+        # The one swappable attention operator (not a submodule: it holds no parameters).
         self.attention_op = attention_op or build_attention_op(cfg)
         self.reset_parameters()
 
@@ -239,16 +238,6 @@ class LongCatDiT(nn.Module):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LongCatDiT":
         return cls(preset(name, **overrides))
-
-    @property
-    def attention_op(self) -> AttentionOp:
-        return self._attention_op
-
-    @attention_op.setter
-    def attention_op(self, op: AttentionOp) -> None:
-        object.__setattr__(self, "_attention_op", op)
-        for block in self.blocks:
-            object.__setattr__(block, "attention_op", op)
 
     def reset_parameters(self) -> None:
         """Xavier-uniform linears, AdaLN-Zero (modulations and the output projection start at zero)."""
@@ -354,7 +343,7 @@ class LongCatDiT(nn.Module):
         local = tuple(x.shape[1:4])
         x = x.flatten(2, 3)  # [B, T, S, C]
         for block, cache in zip(self.blocks, caches):
-            x = block(x, temb, y, key_mask, cos, sin, num_cond, local, cache, mode)
+            x = block(x, temb, y, key_mask, cos, sin, num_cond, local, op, cache, mode)
         x = self.final_layer(x, temb)
         x = op.gather_tokens(x.unflatten(2, local[1:]))
         return self._unpatchify(x, grid)
@@ -372,7 +361,7 @@ class LongCatDiT(nn.Module):
         x = x.flatten(2, 3)
         cache = ConditionCache(num_cond_latents=grid[0], grid=grid, blocks=[BlockCache() for _ in self.blocks])
         for block, bc in zip(self.blocks, cache.blocks):
-            x = block(x, temb, None, None, cos, sin, grid[0], local, bc, "write")
+            x = block(x, temb, None, None, cos, sin, grid[0], local, op, bc, "write")
         return cache
 
     # -- bookkeeping ---------------------------------------------------------------------------
