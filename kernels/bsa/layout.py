@@ -1,0 +1,97 @@
+"""3D block layout: T-H-W raster tokens <-> non-overlapping 3D blocks, validity masks, mean pooling.
+
+A latent of shape ``(T, H, W)`` is padded up to multiples of ``block_shape = (bt, bh, bw)`` and cut into
+``nb = ceil(T/bt) * ceil(H/bh) * ceil(W/bw)`` blocks of ``bs = bt*bh*bw`` tokens. Blocks are numbered in
+(tb, hb, wb) raster order and tokens inside a block in (t, h, w) raster order. Padded tokens are zeros and
+are marked invalid in ``valid [nb, bs]``. Every block holds at least one valid token (padding per axis is
+smaller than the block).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check_shapes(latent_shape, block_shape):
+    if len(latent_shape) != 3 or len(block_shape) != 3:
+        raise ValueError(f"latent_shape and block_shape must be (T, H, W); got {latent_shape}, {block_shape}")
+    if any(int(s) < 1 for s in latent_shape) or any(int(b) < 1 for b in block_shape):
+        raise ValueError(f"latent_shape {latent_shape} and block_shape {block_shape} must be positive")
+    return tuple(int(s) for s in latent_shape), tuple(int(b) for b in block_shape)
+
+
+def num_blocks(latent_shape, block_shape) -> tuple[int, int, int]:
+    """Blocks per axis: ``(ceil(T/bt), ceil(H/bh), ceil(W/bw))``."""
+    latent_shape, block_shape = _check_shapes(latent_shape, block_shape)
+    return tuple(-(-s // b) for s, b in zip(latent_shape, block_shape))
+
+
+def block_valid_mask(latent_shape, block_shape, device=None) -> torch.Tensor:
+    """``[nb, bs]`` bool: True where the block slot holds a real (non-padded) token."""
+    latent_shape, block_shape = _check_shapes(latent_shape, block_shape)
+    nt, nh, nw = num_blocks(latent_shape, block_shape)
+    bt, bh, bw = block_shape
+    axes = []
+    for n, b, s in zip((nt, nh, nw), block_shape, latent_shape):
+        axes.append((torch.arange(n * b, device=device) < s).view(n, b))
+    vt, vh, vw = axes
+    valid = vt[:, None, None, :, None, None] & vh[None, :, None, None, :, None] & vw[None, None, :, None, None, :]
+    return valid.reshape(nt * nh * nw, bt * bh * bw)
+
+
+def blockify(x: torch.Tensor, latent_shape, block_shape):
+    """Reorder raster tokens into 3D blocks.
+
+    ``x [B, S, *rest]`` with ``S = T*H*W`` in T-H-W raster order -> ``(xb [B, nb, bs, *rest], valid [nb, bs])``.
+    Padded slots are zeros. ``rest`` is usually ``(heads, head_dim)``.
+    """
+    latent_shape, block_shape = _check_shapes(latent_shape, block_shape)
+    T, H, W = latent_shape
+    bt, bh, bw = block_shape
+    B, S = x.shape[:2]
+    rest = tuple(x.shape[2:])
+    if S != T * H * W:
+        raise ValueError(f"sequence length {S} != prod(latent_shape {latent_shape}) = {T * H * W}")
+    nt, nh, nw = num_blocks(latent_shape, block_shape)
+    xg = x.reshape(B, T, H, W, *rest)
+    pt, ph, pw = nt * bt - T, nh * bh - H, nw * bw - W
+    if pt or ph or pw:
+        xg = _pad_thw(xg, nt * bt, nh * bh, nw * bw)
+    xg = xg.reshape(B, nt, bt, nh, bh, nw, bw, *rest)
+    nr = len(rest)
+    perm = (0, 1, 3, 5, 2, 4, 6) + tuple(range(7, 7 + nr))
+    xb = xg.permute(perm).reshape(B, nt * nh * nw, bt * bh * bw, *rest)
+    return xb, block_valid_mask(latent_shape, block_shape, device=x.device)
+
+
+def _pad_thw(xg: torch.Tensor, Tp: int, Hp: int, Wp: int) -> torch.Tensor:
+    B, T, H, W = xg.shape[:4]
+    out = xg.new_zeros(B, Tp, Hp, Wp, *xg.shape[4:])
+    out[:, :T, :H, :W] = xg
+    return out
+
+
+def unblockify(xb: torch.Tensor, latent_shape, block_shape) -> torch.Tensor:
+    """Inverse of :func:`blockify`: ``xb [B, nb, bs, *rest]`` -> ``[B, S, *rest]``; padded slots are dropped."""
+    latent_shape, block_shape = _check_shapes(latent_shape, block_shape)
+    T, H, W = latent_shape
+    bt, bh, bw = block_shape
+    nt, nh, nw = num_blocks(latent_shape, block_shape)
+    B, nb, bs = xb.shape[:3]
+    rest = tuple(xb.shape[3:])
+    if nb != nt * nh * nw or bs != bt * bh * bw:
+        raise ValueError(f"blocked tensor {tuple(xb.shape)} does not match latent {latent_shape} / block {block_shape}")
+    nr = len(rest)
+    xg = xb.reshape(B, nt, nh, nw, bt, bh, bw, *rest)
+    perm = (0, 1, 4, 2, 5, 3, 6) + tuple(range(7, 7 + nr))
+    xg = xg.permute(perm).reshape(B, nt * bt, nh * bh, nw * bw, *rest)
+    xg = xg[:, :T, :H, :W]
+    return xg.reshape(B, T * H * W, *rest)
+
+
+def pool_blocks(xb: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid tokens of each block: ``xb [B, nb, bs, H, D]`` -> ``[B, H, nb, D]`` fp32."""
+    w = valid.to(device=xb.device, dtype=torch.float32)
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return torch.einsum("bnshd,ns->bhnd", xb.float(), w)
+

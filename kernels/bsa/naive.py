@@ -1,0 +1,128 @@
+"""PyTorch block attention over selected key blocks (the CPU backend, and the readable version of the math).
+
+For each query block, gather the listed key/value blocks, do exact softmax attention over them (fp32 math),
+and return the output and the natural-log log-sum-exp. Work is done in chunks of query blocks so memory
+stays bounded (the gathered keys of one chunk, never all of them); backward recomputes the scores chunk
+by chunk from the saved inputs, output and lse (flash-attention style), and accepts a gradient w.r.t. lse:
+
+    ds = p * (dp - delta),   delta = rowsum(dout * out) - dlse
+
+so ring attention may merge partial results by log-sum-exp and backpropagate through the merge.
+
+Rows that attend to nothing (``kv_count == 0``, or padded query slots) give out = 0, lse = -inf, and zero
+gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Elements of one fp32 score chunk [B, H, c, bs, K*bs]; 2**22 floats = 16 MiB per temporary.
+CHUNK_ELEMS = 1 << 22
+
+
+def _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H):
+    """Flat gather indices [B*H*c*K] and key/query validity for query blocks c0:c1."""
+    B = kv_index.shape[0]
+    K = kv_index.shape[-1]
+    idx = kv_index[:, :, c0:c1].long()
+    used = torch.arange(K, device=idx.device) < kv_count[:, :, c0:c1, None].long()
+    idx = torch.where(used, idx, torch.zeros_like(idx))
+    bh = torch.arange(B * H, device=idx.device).view(B, H, 1, 1)
+    flat = (bh * nk + idx).reshape(-1)
+    kval = k_valid[idx] & used[..., None]  # [B, H, c, K, bs]
+    kval = kval.reshape(B, H, c1 - c0, 1, -1)
+    qval = q_valid[c0:c1][None, None, :, :, None]  # [1, 1, c, bs, 1]
+    return flat, kval, qval
+
+
+def _scores(q, kg, kval, qval, scale):
+    s = torch.matmul(q, kg.transpose(-1, -2)) * scale
+    s = s.masked_fill(~kval, float("-inf"))
+    return s.masked_fill(~qval, float("-inf"))
+
+
+def _heads_first(xb: torch.Tensor) -> torch.Tensor:
+    """``[B, n, bs, H, D]`` -> contiguous ``[B*H*n, bs, D]``."""
+    B, n, bs, H, D = xb.shape
+    return xb.permute(0, 3, 1, 2, 4).reshape(B * H * n, bs, D)
+
+
+class BlockAttentionTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qb, kb, vb, q_valid, k_valid, kv_index, kv_count, scale, chunk):
+        B, nq, bs, H, D = qb.shape
+        nk = kb.shape[1]
+        K = kv_index.shape[-1]
+        qh = qb.permute(0, 3, 1, 2, 4)  # [B, H, nq, bs, D] view
+        kh, vh = _heads_first(kb), _heads_first(vb)
+        out = torch.zeros(B, H, nq, bs, D, dtype=qb.dtype, device=qb.device)
+        lse = torch.full((B, H, nq, bs), float("-inf"), dtype=torch.float32, device=qb.device)
+        for c0 in range(0, nq, chunk):
+            c1 = min(nq, c0 + chunk)
+            c = c1 - c0
+            flat, kval, qval = _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H)
+            kg = kh.index_select(0, flat).view(B, H, c, K * bs, D).float()
+            vg = vh.index_select(0, flat).view(B, H, c, K * bs, D).float()
+            s = _scores(qh[:, :, c0:c1].float(), kg, kval, qval, scale)
+            m = s.amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            p = torch.exp(s - m)
+            l = p.sum(dim=-1, keepdim=True)
+            nonempty = l > 0
+            o = torch.matmul(p, vg) / torch.where(nonempty, l, torch.ones_like(l))
+            out[:, :, c0:c1] = o.to(qb.dtype)
+            lse[:, :, c0:c1] = torch.where(nonempty, m + torch.log(l), torch.full_like(l, float("-inf"))).squeeze(-1)
+        ctx.save_for_backward(qb, kb, vb, q_valid, k_valid, kv_index, kv_count, out, lse)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out.permute(0, 2, 3, 1, 4), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        qb, kb, vb, q_valid, k_valid, kv_index, kv_count, out, lse = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        B, nq, bs, H, D = qb.shape
+        nk = kb.shape[1]
+        K = kv_index.shape[-1]
+        qh = qb.permute(0, 3, 1, 2, 4)
+        kh, vh = _heads_first(kb), _heads_first(vb)
+        doh = dout.permute(0, 3, 1, 2, 4)  # [B, H, nq, bs, D]
+        dq = torch.zeros(B, H, nq, bs, D, dtype=torch.float32, device=qb.device)
+        dk = torch.zeros(B * H * nk, bs, D, dtype=torch.float32, device=qb.device)
+        dv = torch.zeros_like(dk)
+        for c0 in range(0, nq, chunk):
+            c1 = min(nq, c0 + chunk)
+            c = c1 - c0
+            flat, kval, qval = _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H)
+            kg = kh.index_select(0, flat).view(B, H, c, K * bs, D).float()
+            vg = vh.index_select(0, flat).view(B, H, c, K * bs, D).float()
+            q = qh[:, :, c0:c1].float()
+            s = _scores(q, kg, kval, qval, scale)
+            lse_c = lse[:, :, c0:c1, :, None]
+            # Empty rows have lse = -inf: use +inf there so that p = exp(-inf) = 0 instead of NaN.
+            lse_c = torch.where(torch.isfinite(lse_c), lse_c, torch.full_like(lse_c, float("inf")))
+            p = torch.exp(s - lse_c)
+            do = doh[:, :, c0:c1].float()
+            delta = (do * out[:, :, c0:c1].float()).sum(dim=-1, keepdim=True)
+            if dlse is not None:
+                delta = delta - dlse[:, :, c0:c1, :, None].float()
+            dp = torch.matmul(do, vg.transpose(-1, -2))
+            ds = p * (dp - delta)
+            dq[:, :, c0:c1] = torch.matmul(ds, kg) * scale
+            dk.index_add_(0, flat, (torch.matmul(ds.transpose(-1, -2), q) * scale).reshape(-1, bs, D))
+            dv.index_add_(0, flat, torch.matmul(p.transpose(-1, -2), do).reshape(-1, bs, D))
+        dq = dq.permute(0, 2, 3, 1, 4).to(qb.dtype)
+        dk = dk.view(B, H, nk, bs, D).permute(0, 2, 3, 1, 4).to(kb.dtype)
+        dv = dv.view(B, H, nk, bs, D).permute(0, 2, 3, 1, 4).to(vb.dtype)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def block_attention_torch(qb, kb, vb, q_valid, k_valid, kv_index, kv_count, scale=None, chunk_elems=CHUNK_ELEMS):
+    """PyTorch block attention; see :func:`kernels.bsa.block_attention` for the contract."""
+    B, nq, bs, H, D = qb.shape
+    K = max(1, kv_index.shape[-1])
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
+    chunk = max(1, min(nq, chunk_elems // max(1, B * H * bs * K * bs)))
+    return BlockAttentionTorch.apply(qb, kb, vb, q_valid.bool(), k_valid.bool(), kv_index, kv_count, scale, chunk)
