@@ -10,6 +10,7 @@ parameters never require grad, they stay in eval mode (``train()`` is a no-op), 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -192,3 +193,23 @@ def need_path(value: Any, key: str, expected: str) -> str:
     if value is None or value == _MISSING or (isinstance(value, str) and not value.strip()):
         raise ConfigError(f"{key} is not set: set {key}=/path/to/LongCat-Video (the folder with {expected})")
     return str(value)
+
+
+def find_model_folder(path: str, subfolder: str, key: str, weight_files: tuple[str, ...]) -> Path:
+    """``path/subfolder`` after checking it holds ``config.json`` and one of ``weight_files``.
+
+    Raises FileNotFoundError naming the exact file looked for and the setting that fixes it.
+    """
+    root = Path(path).expanduser()
+    folder = root / subfolder if subfolder else root
+    config = folder / "config.json"
+    fix = f"set {key}=/path/to/LongCat-Video"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{key}={path}: no such folder; {fix} (expected {config})")
+    if not config.is_file():
+        raise FileNotFoundError(f"{key}={path}: missing {config}; {fix} "
+                                f"(expected <path>/{subfolder + '/' if subfolder else ''}config.json)")
+    if not any((folder / name).is_file() for name in weight_files):
+        raise FileNotFoundError(f"{key}={path}: no weights in {folder} (expected {folder / weight_files[0]} "
+                                f"or {' / '.join(weight_files[1:])}); {fix} with the complete download")
+    return folder
