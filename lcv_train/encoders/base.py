@@ -126,8 +126,7 @@ class TextEncoder(_Frozen):
             raise ValueError("encode got an empty list of captions")
         emb, mask = self._encode(list(captions))
         mask = mask.to(torch.bool)
-        emb = emb.float() * mask.unsqueeze(-1)
-        return emb, mask
+        return emb.float().masked_fill(~mask.unsqueeze(-1), 0.0), mask
 
     def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

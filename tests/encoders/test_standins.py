@@ -107,6 +107,7 @@ def test_tiny_umt5_identical_in_another_process():
     code = ("import torch; torch.manual_seed(99)\n"
             "from lcv_train.encoders import build_text_encoder\n"
             "e, _ = build_text_encoder({'kind': 'tiny_umt5'}).encode(%r)\n"
+            "import sys; assert 'diffusers' not in sys.modules, 'stand-ins must not import diffusers'\n"
             "print(repr(e.flatten()[::97].tolist()))" % (CAPTIONS,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout
