@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Launch lcv-train on this node under torchrun (torch.distributed.run) with elastic restarts.
+#
+#   launch/torchrun.sh [hydra overrides...]          # every argument goes to `-m lcv_train`
+#
+# One node, all local GPUs (or one process on a CPU-only box):
+#   launch/torchrun.sh stage=video_pretrain parallel=fsdp_cp4
+# Several nodes (run the same line on each node; the first node in the list hosts the store):
+#   LCV_NNODES=4 LCV_RDZV_ENDPOINT=node001:29400 launch/torchrun.sh ...
+#
+# Settings (environment; unset = default):
+#   LCV_NPROC_PER_NODE  workers on this node   NPROC_PER_NODE, else the number of visible GPUs, else 1
+#   LCV_NNODES          nodes, or MIN:MAX      NNODES, else SLURM_JOB_NUM_NODES, else 1
+#   LCV_RDZV_ENDPOINT   c10d store HOST:PORT   MASTER_ADDR:MASTER_PORT; required when nnodes != 1;
+#                                              one node: localhost on a free port (like --standalone)
+#   LCV_RDZV_ID         rendezvous id          SLURM_JOB_ID, else "lcv-train"
+#   LCV_MAX_RESTARTS    group restarts         3 (each restart resumes from the latest checkpoint)
+#   OMP_NUM_THREADS     threads per worker     CPUs available here / workers per node
+#   LCV_TORCHRUN_ARGS   extra torchrun flags, word-split (e.g. "--log-dir logs/torchrun --tee 3")
+#   PYTHON              interpreter            python, else python3
+set -euo pipefail
+
+py=${PYTHON:-}
+if [[ -z $py ]]; then
+    py=$(command -v python || command -v python3 || true)
+    [[ -n $py ]] || { echo "torchrun.sh: no python on PATH (set PYTHON)" >&2; exit 2; }
+fi
+
+count_gpus() {
+    if [[ -n ${CUDA_VISIBLE_DEVICES+x} ]]; then
+        # Set but empty means "no GPUs"; otherwise a comma-separated list.
+        [[ -z $CUDA_VISIBLE_DEVICES ]] && { echo 0; return; }
+        local IFS=,
+        local ids=($CUDA_VISIBLE_DEVICES)
+        echo ${#ids[@]}
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+    else
+        echo 0
+    fi
+}
+
+nproc_per_node=${LCV_NPROC_PER_NODE:-${NPROC_PER_NODE:-}}
+if [[ -z $nproc_per_node ]]; then
+    nproc_per_node=$(count_gpus)
+    (( nproc_per_node > 0 )) || nproc_per_node=1
+fi
+nnodes=${LCV_NNODES:-${NNODES:-${SLURM_JOB_NUM_NODES:-1}}}
+
+endpoint=${LCV_RDZV_ENDPOINT:-}
+if [[ -z $endpoint && -n ${MASTER_ADDR:-} ]]; then
+    endpoint=$MASTER_ADDR:${MASTER_PORT:-29400}
+fi
+if [[ -z $endpoint ]]; then
+    if [[ $nnodes != 1 ]]; then
+        echo "torchrun.sh: LCV_NNODES=$nnodes needs LCV_RDZV_ENDPOINT=HOST:PORT (same on every node)" >&2
+        exit 2
+    fi
+    endpoint=localhost:0   # torchrun picks a free port, as with --standalone
+fi
+
+if [[ -z ${OMP_NUM_THREADS:-} ]]; then
+    cpus=$(nproc 2>/dev/null || echo 1)
+    OMP_NUM_THREADS=$(( cpus / nproc_per_node > 0 ? cpus / nproc_per_node : 1 ))
+    export OMP_NUM_THREADS
+fi
+
+cmd=("$py" -m torch.distributed.run
+     --nnodes "$nnodes"
+     --nproc-per-node "$nproc_per_node"
+     --rdzv-backend c10d
+     --rdzv-endpoint "$endpoint"
+     --rdzv-id "${LCV_RDZV_ID:-${SLURM_JOB_ID:-lcv-train}}"
+     --max-restarts "${LCV_MAX_RESTARTS:-3}")
+# shellcheck disable=SC2206  # word splitting is the point
+[[ -n ${LCV_TORCHRUN_ARGS:-} ]] && cmd+=($LCV_TORCHRUN_ARGS)
+cmd+=(-m lcv_train "$@")
+
+echo "torchrun.sh [$(hostname)] OMP_NUM_THREADS=$OMP_NUM_THREADS ${cmd[*]}" >&2
+exec "${cmd[@]}"
