@@ -107,7 +107,9 @@ class BlockAttentionTorch(torch.autograd.Function):
             do = doh[:, :, c0:c1].float()
             delta = (do * out[:, :, c0:c1].float()).sum(dim=-1, keepdim=True)
             if dlse is not None:
-                delta = delta - dlse[:, :, c0:c1, :, None].float()
+                # lse = -inf (empty row) is constant: ignore its incoming gradient (may be NaN from a merge).
+                dl = dlse[:, :, c0:c1, :, None].float()
+                delta = delta - torch.where(torch.isfinite(lse_c), dl, torch.zeros_like(dl))
             dp = torch.matmul(do, vg.transpose(-1, -2))
             ds = p * (dp - delta)
             dq[:, :, c0:c1] = torch.matmul(ds, kg) * scale

@@ -227,7 +227,8 @@ class BlockAttentionTriton(torch.autograd.Function):
         dout = dout.to(qb.dtype).contiguous()
         delta = (dout.float() * out.float()).sum(-1).permute(0, 3, 1, 2)  # [B, H, nq, bs]
         if dlse is not None:
-            delta = delta - dlse.float()
+            # lse = -inf (empty row) is constant: ignore its incoming gradient (may be NaN from a merge).
+            delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(lse))
         delta = delta.contiguous()
         block_m, block_d, prec = _meta(qb)
         dq = torch.empty_like(qb)
