@@ -3,7 +3,7 @@
 
 from parallel.config import ParallelConfig
 from parallel.dims import ParallelDims, init_distributed
-from parallel.engine import TorchEngine
+from parallel.engine import TorchEngine, build_engine
 from parallel.parallelize import parallelize_model
 
-__all__ = ["ParallelConfig", "ParallelDims", "TorchEngine", "init_distributed", "parallelize_model"]
+__all__ = ["ParallelConfig", "ParallelDims", "TorchEngine", "build_engine", "init_distributed", "parallelize_model"]

@@ -2,28 +2,59 @@
 
 The trainer only talks to this interface: ``backward(loss)``, ``step() -> grad norm``, ``autocast()``,
 ``state_dict()`` / ``load_state_dict()`` (model + optimizer, in a form DCP saves sharded and can load on
-a different world size), and ``model`` / ``optimizer``.
+a different world size), ``full_model_state_dict()``, and ``model`` / ``optimizer``.
+``build_engine`` picks the engine for a ``ParallelConfig``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Squared L2 norm of ``grads`` (DTensors are reduced over their mesh: FSDP shards count once)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.float().pow(2)
+
+
+def tp_sharded_params(model: torch.nn.Module) -> set[int]:
+    """ids of parameters split across tensor-parallel ranks (declared by ``parallel.tensor_parallel`` layers)."""
+    ids = set()
+    for m in model.modules():
+        for name in getattr(m, "tp_sharded_param_names", ()):
+            p = getattr(m, name, None)
+            if p is not None:
+                ids.add(id(p))
+    return ids
+
+
 class TorchEngine:
-    """Plain PyTorch (one process) and FSDP2 (the model arrives already sharded by ``parallelize_model``)."""
+    """Plain PyTorch (one process), FSDP2/HSDP (the model arrives sharded by ``parallelize_model``), and
+    tensor parallel (``tp_group``: the gradient norm then adds up the TP-split parameters across TP ranks
+    and counts the replicated ones once)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, grad_clip: float = 1.0,
-                 autocast_dtype: torch.dtype | None = None, device: torch.device | None = None):
+                 autocast_dtype: torch.dtype | None = None, device: torch.device | None = None, tp_group=None):
         self.model = model
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.autocast_dtype = autocast_dtype
         self.device = device or torch.device("cpu")
+        self.tp_group = tp_group
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -33,19 +64,31 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def grad_norm(self) -> tuple[float, list[torch.Tensor]]:
+        """Global L2 norm of all gradients (every rank gets the same number) and the grads themselves."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.grad_clip and self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
+        if self.tp_group is None or dist.get_world_size(self.tp_group) == 1:
+            sq = _sq_norm([p.grad for p in params])
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
-            norm = norm.full_tensor()
+            split = tp_sharded_params(self.model)
+            sq_tp = _sq_norm([p.grad for p in params if id(p) in split])
+            sq_rep = _sq_norm([p.grad for p in params if id(p) not in split])
+            dist.all_reduce(sq_tp, group=self.tp_group)
+            sq = sq_tp + sq_rep
+        return math.sqrt(float(sq)), [p.grad for p in params]
+
+    def step(self) -> float:
+        norm, grads = self.grad_norm()
+        if self.grad_clip and self.grad_clip > 0 and math.isfinite(norm):
+            coef = self.grad_clip / (norm + 1e-6)
+            if coef < 1.0:
+                torch._foreach_mul_([_local(g) for g in grads], coef)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def state_dict(self) -> dict:
+        """``{"model", "optim"}`` from ``get_state_dict``: DTensor shards under FSDP (DCP reshards on load)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
@@ -53,5 +96,29 @@ class TorchEngine:
         set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
     def full_model_state_dict(self) -> dict:
-        """Unsharded model weights on CPU (collective under FSDP: call on every rank)."""
+        """Unsharded model weights on CPU, on rank 0 (others get ``{}``; collective under FSDP: call on every
+        rank). Under tensor parallel
+        the TP-split weights come back in their local (per-TP-rank) form; see ``parallel.tensor_parallel``."""
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def build_engine(model: torch.nn.Module, optimizer_cfg, dims, cfg, grad_clip: float = 1.0):
+    """The engine for ``cfg.engine``: ``TorchEngine`` (fsdp/single) or ``ZeroEngine`` (zero2/zero3).
+
+    ``model`` is what ``parallelize_model`` returned. ``optimizer_cfg`` is either a built
+    ``torch.optim.Optimizer`` (torch engine only) or a mapping with AdamW settings
+    ``lr, betas, weight_decay, eps`` (both engines; DeepSpeed builds its own optimizer from it)."""
+    autocast = torch.bfloat16 if (cfg.mixed_precision == "bf16" and dims.device.type == "cuda") else None
+    if cfg.engine in ("zero2", "zero3"):
+        from parallel.zero import ZeroEngine
+
+        return ZeroEngine(model, optimizer_cfg, dims, cfg, grad_clip=grad_clip)
+    if isinstance(optimizer_cfg, torch.optim.Optimizer):
+        optimizer = optimizer_cfg
+    else:
+        o = dict(optimizer_cfg)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.get("lr", 1e-4),
+                                      betas=tuple(o.get("betas", (0.9, 0.999))),
+                                      weight_decay=o.get("weight_decay", 0.0), eps=o.get("eps", 1e-8))
+    return TorchEngine(model, optimizer, grad_clip=grad_clip, autocast_dtype=autocast, device=dims.device,
+                       tp_group=dims.group("tp") if dims.tp > 1 else None)

@@ -1,6 +1,10 @@
 """``parallelize_model``: turn the plain DiT into its distributed form, in a fixed order
 (tensor parallel, context parallel, activation checkpointing, compile, then FSDP2).
-The model code knows nothing about any of it."""
+The model code knows nothing about any of it.
+
+The DeepSpeed engines (``parallel.engine in (zero2, zero3)``) get only activation checkpointing and
+compile here; DeepSpeed itself partitions the model in ``parallel.zero``.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,44 @@ from parallel.dims import ParallelDims
 
 
 def apply_activation_checkpointing(model: torch.nn.Module, every: int) -> None:
-    """Checkpoint every ``every``-th block (1 = all blocks)."""
+    """Checkpoint every ``every``-th block (1 = all blocks, 2 = blocks 0, 2, 4, ...)."""
     for i, block in enumerate(model.blocks):
         if i % every == 0:
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
+def apply_compile(model: torch.nn.Module) -> None:
+    """``torch.compile`` each block on its own (same code for every block, so one compiled graph is reused)."""
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = torch.compile(block, fullgraph=False)
+
+
+def apply_context_parallel_op(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> None:
+    try:
+        from parallel.context_parallel import apply_context_parallel
+    except ImportError as e:  # the context-parallel package is not there (yet)
+        raise NotImplementedError(f"parallel.cp={dims.cp}: context parallelism is not available ({e})") from e
+    apply_context_parallel(model, dims.submesh("cp"), cfg.cp_mode)
+
+
 def parallelize_model(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> torch.nn.Module:
+    """Apply, in order: TP (tp > 1), CP (cp > 1), activation checkpointing, compile, FSDP2 (fsdp engine and
+    any dp or cp > 1). The model must be on ``dims.device`` (or meta, for the planner). Returns the model."""
+    cfg.validate()
+    if hasattr(model, "config"):
+        dims.check_model(model.config)
+    if dims.tp > 1:
+        from parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, dims)
+    if dims.cp > 1:
+        apply_context_parallel_op(model, dims, cfg)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = torch.compile(block)
+        apply_compile(model)
+    if cfg.engine == "fsdp" and dims.uses_fsdp:
+        from parallel.fsdp import apply_fsdp
+
+        apply_fsdp(model, dims, cfg)
     return model

@@ -1,0 +1,74 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for the DiT: one group per block, bottom-up, then the root.
+
+Mixed precision (``parallel.mixed_precision=bf16``, GPU only): parameters are all-gathered and computed in
+bf16, gradients are reduced in fp32, and the sharded master weights (what the optimizer sees) stay fp32.
+The parts SPEC section 1 wants in fp32 get their own fp32 groups so that ``weight.dtype`` there stays fp32:
+the timestep embedder, each block's AdaLN modulation and the final layer. Block inputs are not cast
+(``cast_forward_inputs=False``): the timestep embedding and the RoPE tables must stay fp32; the token
+stream is already bf16 because the patch embedder (which casts its input) produces it.
+
+Sharding mesh: ``dims.fsdp_mesh`` (``dp_shard_cp``, with ``dp_replicate`` in front for HSDP). Context-
+parallel ranks compute gradients for their own tokens of the same samples, so their gradients are
+*summed*, while data-parallel ones are *averaged*: the gradient divide factor is set to the
+data-parallel size (not dp x cp). This assumes each cp rank computes the loss of the whole (gathered)
+sample and that ``gather_tokens``' backward keeps only the local slice of the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from parallel.config import ParallelConfig
+from parallel.dims import ParallelDims
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain block under activation-checkpoint and ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(module, "_checkpoint_wrapped_module"):
+            module = module._checkpoint_wrapped_module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def mixed_precision_policies(cfg: ParallelConfig, device: torch.device):
+    """(bf16 compute policy, fp32 policy, data-input policy) for this run; all-fp32 on CPU or mixed_precision=fp32."""
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    if cfg.mixed_precision != "bf16" or device.type == "cpu":
+        return fp32, fp32, fp32
+    compute = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    inputs = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=True)
+    return compute, fp32, inputs
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, mesh=None) -> nn.Module:
+    """Shard ``model`` in place: per-block groups (+ fp32 sub-groups), embedders, final layer, then the root.
+
+    ``mesh`` defaults to ``dims.fsdp_mesh`` (the planner passes a fake-process-group mesh on meta)."""
+    mesh = mesh if mesh is not None else dims.fsdp_mesh
+    compute, fp32, inputs = mixed_precision_policies(cfg, dims.device)
+    offload = CPUOffloadPolicy(pin_memory=dims.device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
+
+    def shard(module, policy, reshard=True):
+        fully_shard(module, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
+
+    shard(model.t_embedder, fp32)
+    shard(model.x_embedder, inputs)
+    shard(model.y_embedder, inputs)
+    n = len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        shard(unwrap(block).adaLN_modulation, fp32)
+        # The last block is needed again first in backward: keep it gathered (the torchtitan choice).
+        shard(block, compute, reshard=i < n - 1)
+    shard(model.final_layer, fp32, reshard=False)
+    shard(model, compute, reshard=False)
+    if dims.cp > 1:
+        model.set_gradient_divide_factor(float(dims.dp_size))
+        for m in model.modules():
+            if m is not model and hasattr(m, "set_gradient_divide_factor"):
+                m.set_gradient_divide_factor(float(dims.dp_size))
+    return model
