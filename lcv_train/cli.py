@@ -1,0 +1,73 @@
+"""``lcv-train``: the Hydra entry point (config tree in the ``conf`` package).
+
+Errors the user can fix (a wrong config value, a missing weight file, a checkpoint that does not match)
+are printed as one line naming the key or file, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lcv_train.errors import CheckpointError, ConfigError
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError]
+    try:
+        from data_loaders.config import DataConfigError, DataError
+
+        errors += [DataConfigError, DataError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def run(cfg: DictConfig) -> dict:
+    from lcv_train.config import train_config_from_dict
+    from lcv_train.training.trainer import Trainer
+
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    train_cfg = train_config_from_dict(container)
+    return Trainer(train_cfg, container).fit()
+
+
+def _mean(xs):
+    return sum(xs) / max(len(xs), 1)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        summary = run(cfg)
+    except _user_errors() as e:
+        print(f"lcv-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("lcv-train: interrupted; every published checkpoint on disk is complete", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # omegaconf's MissingMandatoryValue and friends: name the key
+        from omegaconf.errors import OmegaConfBaseException
+
+        if isinstance(e, OmegaConfBaseException):
+            print(f"lcv-train: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    hist = summary.get("history") or []
+    if hist:
+        k = min(10, len(hist))
+        print(f"lcv-train: steps {hist[0]['step']}..{hist[-1]['step']}: loss {_mean([h['loss'] for h in hist[:k]]):.4f} "
+              f"(first {k}) -> {_mean([h['loss'] for h in hist[-k:]]):.4f} (last {k})")
+    print(f"lcv-train: run directory {summary['run_dir']}")
+    if summary.get("sample"):
+        print(f"lcv-train: sample video {summary['sample']}")
+
+
+def train_main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    train_main()

@@ -1,0 +1,241 @@
+"""The training job's configuration: dataclasses for every section, built from the Hydra-composed tree
+and validated once at start-up. Every error names the key and the constraint (``optim.lr: must be > 0``).
+
+Sections owned elsewhere are validated by their owners: ``data`` (``data_loaders.DataConfig``),
+``vae`` / ``text_encoder`` (``lcv_train.encoders``), ``parallel`` (``parallel.ParallelConfig``),
+``model`` (``lcv_train.model.DiTConfig``), ``diffusion`` (``FlowMatchingConfig``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from lcv_train.diffusion import FlowMatchingConfig
+from lcv_train.errors import ConfigError
+from lcv_train.model.config import BSAConfig, DiTConfig
+from lcv_train.sampling import SamplerConfig
+from parallel.config import ParallelConfig
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    root: str = "outputs"  # the run directory is <root>/<name>
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+    def validate(self) -> "OptimConfig":
+        _need(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+              f"must be two numbers in [0, 1), got {self.betas}")
+        _need(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _need(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _need(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        return self
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | constant | linear
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+    def validate(self) -> "ScheduleConfig":
+        _need(self.kind in ("cosine", "constant", "linear"), "schedule.kind",
+              f"must be cosine|constant|linear, got {self.kind!r}")
+        _need(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _need(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        return self
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999  # 0 disables EMA
+    every: int = 1
+
+    def validate(self) -> "EMAConfig":
+        _need(0 <= self.decay < 1, "ema.decay", f"must be in [0, 1), got {self.decay}")
+        _need(self.every >= 1, "ema.every", f"must be >= 1, got {self.every}")
+        return self
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    grad_accum: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    resume: str = "auto"  # auto (latest in the run dir, else fresh) | none | <checkpoint dir>
+    device: str = "auto"  # auto | cpu | cuda
+    sample_at_end: bool = True
+    init_from: str | None = None  # a published LongCat-Video folder (or a dit/ folder) to start from
+
+    def validate(self) -> "TrainerConfig":
+        _need(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
+        _need(self.grad_accum >= 1, "trainer.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _need(self.log_every >= 1, "trainer.log_every", f"must be >= 1, got {self.log_every}")
+        _need(self.checkpoint_every >= 1, "trainer.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _need(self.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {self.keep_last}")
+        _need(self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto|cpu|cuda, got {self.device!r}")
+        return self
+
+
+@dataclass
+class StageConfig:
+    """What differs between training stages: the loss, which parameters train (the task mix and
+    buckets live in ``data``)."""
+
+    name: str = "video_pretrain"
+    kind: str = "flow_matching"
+    trainable: str = "all"  # all | a regex over parameter names
+
+    def validate(self) -> "StageConfig":
+        _need(self.kind in ("flow_matching",), "stage.kind", f"must be flow_matching, got {self.kind!r}")
+        return self
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"  # wandb | none
+    project: str = "lcv-train"
+    mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+
+    def validate(self) -> "LoggerConfig":
+        _need(self.kind in ("wandb", "none"), "logger.kind", f"must be wandb|none, got {self.kind!r}")
+        _need(self.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
+              f"must be auto|online|offline|disabled, got {self.mode!r}")
+        return self
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The embedded default's dataset: made on first use, then read as ordinary shards."""
+
+    enabled: bool = False
+    dir: str = "~/.cache/lcv_train/synthetic"
+    n: int = 512
+    frames: int = 9
+    height: int = 32
+    width: int = 32
+    fps: float = 8.0
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig(SamplerConfig):
+    captions: list[str] = field(default_factory=lambda: ["a red circle moves to the right"])
+    frames: int = 9
+    height: int = 32
+    width: int = 32
+    fps: float = 8.0
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: DiTConfig = field(default_factory=DiTConfig)
+    diffusion: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    # Validated by their owners (data_loaders, lcv_train.encoders).
+    data: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
+    text_encoder: dict = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        self.model.validate()
+        self.diffusion.validate()
+        for part in (self.optim, self.schedule, self.ema, self.trainer, self.stage, self.logger):
+            part.validate()
+        self.parallel.validate()
+        _need(self.sample.steps >= 1, "sample.steps", f"must be >= 1, got {self.sample.steps}")
+        return self
+
+
+def _need(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {what}")
+
+
+def build(cls, data: Any, prefix: str):
+    """Build dataclass ``cls`` from a mapping, checking unknown keys and value types; errors name the key."""
+    if dataclasses.is_dataclass(data):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    join = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{join(unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, join(k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp, v, key):
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is dict or origin is dict:
+        return v
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if v is None:
+            return None
+        return _coerce(args[0], v, key)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, v, key)
+    if origin in (tuple, list):
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {v!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(v) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {list(v)}")
+            return tuple(_coerce(a, x, f"{key}[{i}]") for i, (a, x) in enumerate(zip(args, v)))
+        inner = args[0] if args else Any
+        out = [_coerce(inner, x, f"{key}[{i}]") for i, x in enumerate(v)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{key}: expected true/false, got {v!r}")
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{key}: expected an integer, got {v!r}")
+        return v
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {v!r}")
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"{key}: expected a string, got {v!r}")
+        return v
+    return v
+
+
+def train_config_from_dict(d: dict) -> TrainConfig:
+    """The validated ``TrainConfig`` of a composed (resolved, plain-container) Hydra config."""
+    return build(TrainConfig, d, "").validate()

@@ -1,0 +1,86 @@
+"""Run logging: one log file per rank, a progress bar on rank 0, Weights & Biases on rank 0.
+
+W&B runs offline when no ``WANDB_API_KEY`` is set (``logger.mode=auto``); ``logger=none`` disables it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("lcv_train")
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_lcv", False):
+            root.removeHandler(h)
+    fh = logging.FileHandler(logs / f"rank{rank}.log")
+    fh.setFormatter(fmt)
+    fh._lcv = True
+    root.addHandler(fh)
+    if rank == 0:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setLevel(logging.WARNING)
+        sh.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        sh._lcv = True
+        root.addHandler(sh)
+
+
+class MetricsLogger:
+    def __init__(self, cfg, run_dir: Path, rank: int, total_steps: int, start_step: int, config_dict: dict):
+        self.rank = rank
+        self.wandb = None
+        self.bar = None
+        if rank != 0:
+            return
+        if cfg.kind == "wandb":
+            mode = cfg.mode
+            if mode == "auto":
+                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            if mode != "disabled":
+                import wandb
+
+                self.wandb = wandb.init(project=cfg.project, name=run_dir.name, dir=str(run_dir), mode=mode,
+                                        config=config_dict, resume="allow", id=_wandb_id(run_dir))
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                        disable=os.environ.get("LCV_NO_PROGRESS") == "1")
+
+    def log(self, step: int, metrics: dict[str, float], advance: int = 1) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.update(advance)
+            self.bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}",
+                                 step_s=f"{metrics.get('perf/step_time_s', 0):.2f}",
+                                 tok_s=f"{metrics.get('perf/tokens_per_s', 0):.0f}", refresh=False)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def write(self, msg: str) -> None:
+        if self.rank == 0:
+            (self.bar.write if self.bar is not None else print)(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable W&B run id per run directory, so a resumed run continues the same W&B run."""
+    f = run_dir / "wandb_id"
+    if not f.exists():
+        f.write_text(f"{run_dir.name}-{int(time.time())}")
+    return f.read_text().strip()

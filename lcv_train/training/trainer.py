@@ -1,0 +1,335 @@
+"""The trainer: a short loop over small components.
+
+shards -> batches (data_loaders) -> encoders -> latents -> stage loss -> engine step -> EMA ->
+metrics / checkpoints. Every component with state (model + optimizer via the engine, lr schedule, EMA,
+data loader, RNGs, step) is saved by ``Checkpointer``; resume is one call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lcv_train.config import TrainConfig
+from lcv_train.encoders import build_text_encoder, build_video_codec
+from lcv_train.errors import ConfigError
+from lcv_train.model import LongCatDiT
+from lcv_train.stages import StageBatch, build_stage
+from lcv_train.training.checkpoint import Checkpointer, rng_state, set_rng_state
+from lcv_train.training.ema import EMA
+from lcv_train.training.metrics import MetricsLogger, setup_logging
+from lcv_train.training.schedule import build_lr_scheduler
+from parallel import TorchEngine, init_distributed, parallelize_model
+
+log = logging.getLogger("lcv_train")
+
+
+class Progress:
+    """The step counter as a DCP ``Stateful``."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": torch.tensor(self.step)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step = int(sd["step"])
+
+
+class _EMAState:
+    def __init__(self, ema: EMA | None):
+        self.ema = ema
+
+    def state_dict(self):
+        return self.ema.state_dict() if self.ema else {}
+
+    def load_state_dict(self, sd):
+        if self.ema:
+            self.ema.load_state_dict(sd)
+
+
+def _pick_device(choice: str, dims) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device: cuda was asked for but no CUDA device is visible")
+    return dims.device if torch.cuda.is_available() else torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, config_dict: dict | None = None):
+        self.cfg = cfg
+        self.config_dict = config_dict or {}
+        self.dims = init_distributed(cfg.parallel)
+        self.rank = self.dims.rank
+        self.device = _pick_device(cfg.trainer.device, self.dims)
+        self.run_dir = Path(cfg.run.root).expanduser() / cfg.run.name
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        setup_logging(self.run_dir, self.rank)
+        if self.rank == 0 and config_dict is not None:
+            import yaml
+
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+
+        # Model: identical initialisation on every rank.
+        torch.manual_seed(cfg.run.seed)
+        model = LongCatDiT(cfg.model)
+        if cfg.trainer.init_from:
+            from lcv_train.checkpoints import load_published_dit
+
+            load_published_dit(model, cfg.trainer.init_from)
+        self.stage = build_stage(cfg.stage, cfg.diffusion, cfg.model)
+        self.stage.prepare(model)
+        model.to(self.device)
+        self.model = parallelize_model(model, self.dims, cfg.parallel)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        autocast = torch.bfloat16 if self.device.type == "cuda" and cfg.parallel.mixed_precision == "bf16" else None
+        self.engine = TorchEngine(self.model, optimizer, grad_clip=o.grad_clip, autocast_dtype=autocast,
+                                  device=self.device)
+        self.lr_scheduler = build_lr_scheduler(optimizer, cfg.schedule, cfg.trainer.max_steps)
+        self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
+        self.progress = Progress()
+
+        # Encoders and data.
+        self.codec = build_video_codec(cfg.vae).to(self.device)
+        self.text_encoder = build_text_encoder(cfg.text_encoder).to(self.device)
+        if self.text_encoder.dim != cfg.model.caption_channels:
+            raise ConfigError(f"text_encoder: produces {self.text_encoder.dim}-dim embeddings but "
+                              f"model.caption_channels={cfg.model.caption_channels}")
+        if self.codec.latent_channels != cfg.model.in_channels:
+            raise ConfigError(f"vae: produces {self.codec.latent_channels} latent channels but "
+                              f"model.in_channels={cfg.model.in_channels}")
+        self.loader = self._build_loader()
+        self.noise_gen = torch.Generator(self.device).manual_seed(cfg.run.seed * 100003 + self.rank)
+
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.trainer.keep_last)
+        self.checkpointer.clean_stale()
+        self.resumed_from: Path | None = None
+        self._resume()
+        self._stop_requested = False
+        self.history: list[dict] = []
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _build_loader(self):
+        from data_loaders import build_loader, to_data_config
+
+        data = dict(self.cfg.data)
+        syn = self.cfg.synthetic
+        if syn.enabled:
+            from data_loaders.synthetic import ensure_synthetic_shards
+
+            root = Path(syn.dir).expanduser()
+            name = f"n{syn.n}_f{syn.frames}_{syn.height}x{syn.width}_fps{syn.fps:g}_seed{syn.seed}"
+            path = ensure_synthetic_shards(str(root / name), n=syn.n, frames=syn.frames, height=syn.height,
+                                           width=syn.width, fps=syn.fps, seed=syn.seed, rank=self.rank,
+                                           world_size=self.dims.world_size)
+            data["shards"] = [str(path)]
+        data["temporal_stride"] = self.codec.temporal_stride
+        dcfg = to_data_config(data)
+        return build_loader(dcfg, self.dims.dp_rank, self.dims.dp_size, self.cfg.run.seed)
+
+    def _state(self) -> dict:
+        return {"engine": self.engine, "lr_scheduler": self.lr_scheduler, "ema": _EMAState(self.ema),
+                "progress": self.progress}
+
+    def _meta(self) -> dict:
+        return {"model": self.cfg.model.to_json_dict(), "stage": self.cfg.stage.name}
+
+    def _resume(self) -> None:
+        choice = self.cfg.trainer.resume
+        if choice == "none":
+            return
+        path = self.checkpointer.latest() if choice == "auto" else Path(choice).expanduser()
+        if path is None:
+            return
+        if not path.is_dir():
+            raise ConfigError(f"trainer.resume: {path} is not a checkpoint directory")
+        rank_state = self.checkpointer.load(path, self._state(), self._meta())
+        if rank_state is not None:
+            self.loader.load_state_dict(rank_state["data"])
+            set_rng_state(rank_state["rng"])
+            self.noise_gen.set_state(rank_state["noise_gen"])
+        self.resumed_from = path
+        log.info("resumed from %s at step %d", path, self.progress.step)
+
+    def save_checkpoint(self) -> Path:
+        rank_state = {"data": self.loader.state_dict(), "rng": rng_state(), "noise_gen": self.noise_gen.get_state()}
+        path = self.checkpointer.save(self.progress.step, self._state(), rank_state, self._meta())
+        log.info("saved checkpoint %s", path)
+        return path
+
+    # -- one step ------------------------------------------------------------------------------
+    def to_stage_batch(self, batch: dict) -> StageBatch:
+        with torch.no_grad():
+            if "latents" in batch:
+                latents = batch["latents"].to(self.device, non_blocking=True)
+            else:
+                latents = self.codec.encode(batch["video"].to(self.device, non_blocking=True))
+            if "text" in batch:
+                text, mask = batch["text"].to(self.device), batch["text_mask"].to(self.device)
+            else:
+                text, mask = self.text_encoder.encode(list(batch["caption"]))
+        return StageBatch(latents.float(), text.float(), mask.to(torch.bool), int(batch["num_cond_latents"]))
+
+    def train_step(self, data_iter) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        wait = 0.0
+        loss_sum, tokens = 0.0, 0
+        self.model.train()
+        for _ in range(cfg.trainer.grad_accum):
+            tw = time.perf_counter()
+            batch = next(data_iter)
+            wait += time.perf_counter() - tw
+            sb = self.to_stage_batch(batch)
+            with self.engine.autocast():
+                loss, _ = self.stage.loss(self.model, sb, self.noise_gen)
+            self.engine.backward(loss / cfg.trainer.grad_accum)
+            loss_sum += float(loss.detach())
+            B, _, T, H, W = sb.latents.shape
+            tokens += B * T * H * W // math.prod(cfg.model.patch_size)
+        grad_norm = self.engine.step()
+        self.lr_scheduler.step()
+        self.progress.step += 1
+        if self.ema is not None and self.progress.step % cfg.ema.every == 0:
+            self.ema.update()
+        dt = time.perf_counter() - t0
+        return {"train/loss": loss_sum / cfg.trainer.grad_accum, "train/grad_norm": grad_norm,
+                "train/lr": self.lr_scheduler.get_last_lr()[0], "perf/step_time_s": dt,
+                "perf/data_wait_s": wait, "perf/tokens": tokens}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            log.warning("received signal %d: checkpointing at the end of this step, then stopping", signum)
+            self._stop_requested = True
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread
+                pass
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        if dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                flag = flag.to(self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _perf_metrics(self, m: dict) -> dict:
+        world = self.dims.world_size
+        tokens = m["perf/tokens"] * self.dims.dp_size  # the global batch
+        out = {"perf/tokens_per_s": tokens / max(m["perf/step_time_s"], 1e-9)}
+        if self.device.type == "cuda":
+            out["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        try:
+            from parallel.device_info import peak_flops
+
+            peak = peak_flops(self.device)
+        except ImportError:
+            peak = None
+        if peak:
+            core = self.model
+            seq = m["perf/tokens"]  # an upper bound for the attention term; exact per-bucket counts vary
+            flops = 3 * core.flops_per_token(seq_len=min(seq, 10**6), text_len=0) * tokens
+            out["perf/mfu"] = flops / m["perf/step_time_s"] / (peak * world)
+        return out
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        total = cfg.trainer.max_steps
+        metrics_logger = MetricsLogger(cfg.logger, self.run_dir, self.rank, total, self.progress.step,
+                                       self.config_dict)
+        self._install_signal_handlers()
+        if self.resumed_from is not None:
+            metrics_logger.write(f"resumed from {self.resumed_from} at step {self.progress.step}")
+        data_iter = iter(self.loader)
+        last_saved = self.progress.step if self.resumed_from is not None else -1
+        first_loss = None
+        try:
+            while self.progress.step < total:
+                m = self.train_step(data_iter)
+                m.update(self._perf_metrics(m))
+                m.update(self.loader.metrics())
+                step = self.progress.step
+                first_loss = m["train/loss"] if first_loss is None else first_loss
+                self.history.append({"step": step, "loss": m["train/loss"]})
+                if step % cfg.trainer.log_every == 0 or step == total:
+                    log.info("step %d loss %.5f grad_norm %.3f lr %.3g step_time %.3fs tokens/s %.0f", step,
+                             m["train/loss"], m["train/grad_norm"], m["train/lr"], m["perf/step_time_s"],
+                             m["perf/tokens_per_s"])
+                metrics_logger.log(step, m)
+                stop = self._should_stop()
+                if step % cfg.trainer.checkpoint_every == 0 or step == total or stop:
+                    self.save_checkpoint()
+                    last_saved = step
+                if stop:
+                    metrics_logger.write(f"stopped on request at step {step}; checkpoint saved")
+                    break
+            if last_saved != self.progress.step:
+                self.save_checkpoint()
+            sample_path = None
+            if cfg.trainer.sample_at_end and self.progress.step >= total:
+                sample_path = self.write_sample()
+        finally:
+            metrics_logger.close()
+        summary = {"step": self.progress.step, "first_loss": first_loss, "run_dir": str(self.run_dir),
+                   "sample": str(sample_path) if sample_path else None, "history": self.history}
+        if self.rank == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()
+                                                                    if k != "history"}, indent=2))
+        return summary
+
+    # -- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_sample(self) -> Path | None:
+        """Generate a video per caption with the EMA weights (every rank runs the model; rank 0 writes)."""
+        from data_loaders.decode import encode_mp4
+        from lcv_train.sampling import sample
+
+        s = self.cfg.sample
+        self.model.eval()
+        text, mask = self.text_encoder.encode(list(s.captions))
+        C, T, h, w = self.codec.latent_shape(s.frames, s.height, s.width)
+        gen = torch.Generator(self.device).manual_seed(self.cfg.run.seed)
+        ctx = self.ema.swapped_in() if self.ema is not None else _null()
+        with ctx, self.engine.autocast():
+            latents = sample(self.model, text.float(), mask, (C, T, h, w), s, generator=gen)
+        video = self.codec.decode(latents.float())  # [B, 3, F, H, W] in [-1, 1]
+        if self.rank != 0:
+            return None
+        out = self.run_dir / "samples"
+        out.mkdir(exist_ok=True)
+        # Captions side by side in one clip.
+        frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        frames = torch.cat(list(frames), dim=-1).permute(1, 2, 3, 0).cpu().numpy()  # [F, H, B*W, 3]
+        path = out / f"step_{self.progress.step:07d}.mp4"
+        path.write_bytes(encode_mp4(frames, fps=s.fps))
+        (out / f"step_{self.progress.step:07d}.txt").write_text("\n".join(s.captions) + "\n")
+        return path
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
