@@ -90,6 +90,7 @@ class DiTConfig:
         need(self.bsa.backend in ("auto", "torch", "triton"), "bsa.backend",
              f"must be auto|torch|triton, got {self.bsa.backend!r}")
         self.patch_size = tuple(int(p) for p in self.patch_size)
+        self.enable_bsa = self.attention == "bsa"  # derived; kept for the published config format
         return self
 
     # -- (de)serialisation in the published config.json format ---------------------------------

@@ -5,6 +5,7 @@ W&B runs offline when no ``WANDB_API_KEY`` is set (``logger.mode=auto``); ``logg
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -42,6 +43,7 @@ class MetricsLogger:
         self.bar = None
         if rank != 0:
             return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
         if cfg.kind == "wandb":
             mode = cfg.mode
             if mode == "auto":
@@ -59,6 +61,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float], advance: int = 1) -> None:
         if self.rank != 0:
             return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
         if self.bar is not None:
             self.bar.update(advance)
             self.bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}",
@@ -72,6 +76,8 @@ class MetricsLogger:
             (self.bar.write if self.bar is not None else print)(msg)
 
     def close(self) -> None:
+        if self.rank == 0:
+            self.jsonl.close()
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:

@@ -140,7 +140,9 @@ class Trainer:
                                            width=syn.width, fps=syn.fps, seed=syn.seed, rank=self.rank,
                                            world_size=self.dims.world_size)
             data["shards"] = [str(path)]
+        # Derived from the codec and the model, so they cannot disagree with them.
         data["temporal_stride"] = self.codec.temporal_stride
+        data["spatial_multiple"] = self.codec.spatial_stride * self.cfg.model.patch_size[1]
         dcfg = to_data_config(data)
         return build_loader(dcfg, self.dims.dp_rank, self.dims.dp_size, self.cfg.run.seed)
 
