@@ -340,6 +340,8 @@ def check_empty_rows(backend, device, dtype, tol):
         assert torch.isfinite(a.float()).all(), name
         assert rel_err(a, r) < tol, (name, rel_err(a, r))
     assert (qa.grad[0, :3, :, 0] == 0).all()
+    assert (qa.grad[:, ~qv] == 0).all()  # padded query slots
+    assert (ka.grad[:, ~kv] == 0).all() and (va.grad[:, ~kv] == 0).all()  # padded key slots
 
 
 def check_lse_merge(backend, device, dtype, tol):
