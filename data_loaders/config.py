@@ -48,6 +48,7 @@ class FilterConfig:
     min_duration: Optional[float] = None
     max_duration: Optional[float] = None
     ranges: Dict[str, List[Optional[float]]] = field(default_factory=dict)
+    media: List[str] = field(default_factory=list)  # keep only these kinds: video, image, latent ([] = all)
 
     def checks(self) -> list[tuple[str, str, Optional[float], Optional[float]]]:
         """(filter name, metadata key, low, high) for every active filter."""
@@ -162,7 +163,11 @@ def _num(key: str, v: Any, lo: float | None = None, integer: bool = False) -> No
 def _validate_filters(f: FilterConfig, key: str) -> None:
     for fl in fields(FilterConfig):
         v = getattr(f, fl.name)
-        if fl.name == "ranges":
+        if fl.name == "media":
+            for i, m in enumerate(v or []):
+                if m not in ("video", "image", "latent"):
+                    raise _err(f"{key}.media[{i}]", f"unknown media {m!r} (video, image, latent)")
+        elif fl.name == "ranges":
             for rk, rv in (v or {}).items():
                 if not isinstance(rv, (list, tuple)) or len(rv) != 2:
                     raise _err(f"{key}.ranges.{rk}", f"expected [low, high] (null for open), got {rv!r}")

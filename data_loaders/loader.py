@@ -49,6 +49,10 @@ class _ReaderDataset(IterableDataset):
         return Reader(self.plan, logical, self.resume.get(logical)).batches()
 
 
+def _identity(item):
+    return item
+
+
 class _SerialReaders:
     """num_workers == 0: the W = 1 reader, in this process."""
 
@@ -112,6 +116,7 @@ class VideoLoader:
             persistent_workers=True,
             prefetch_factor=self.cfg.prefetch_factor,
             in_order=True,
+            collate_fn=_identity,  # items are finished batches; keep tuples/lists exactly as built
         )
         return iter(self._dl)
 

@@ -67,6 +67,7 @@ class Plan:
     rank: int
     world_size: int
     workers: int  # readers per rank (max(1, num_workers))
+    with_meta: bool = False  # add each sample's parsed .json as batch["meta"] (lcv-data encode)
 
     @property
     def readers(self) -> int:
@@ -210,6 +211,10 @@ class Reader:
             self._bad("missing_caption", url, key)
             return None
         # metadata filters (before any decoding)
+        media = self.plan.subsets[s].filters.media
+        if media and kind not in media:
+            self._count("filtered/media")
+            return None
         for name, mkey, lo, hi in self.plan.subsets[s].filters.checks():
             v = _number(meta, mkey)
             if v is None or (lo is not None and v < lo) or (hi is not None and v > hi):
@@ -364,6 +369,7 @@ class Reader:
             batch["latents"] = torch.from_numpy(np.stack(arrays).astype(np.float32))
             L = max(t.shape[0] for t in texts)
             D = texts[0].shape[1]
+            L = max([L] + [int(smp.meta.get("text_length", 0)) for smp in kept])  # the encoder's padded length
             text = np.zeros((len(texts), L, D), np.float32)
             mask = np.zeros((len(texts), L), bool)
             for i, t in enumerate(texts):
@@ -380,6 +386,8 @@ class Reader:
         batch["bucket"] = (f, h, w)
         batch["keys"] = [smp.key for smp in kept]
         batch["subset"] = [self.plan.subsets[smp.subset].name for smp in kept]
+        if self.plan.with_meta:
+            batch["meta"] = [smp.meta for smp in kept]
         return batch
 
     def info(self) -> dict[str, Any]:

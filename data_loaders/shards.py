@@ -74,7 +74,7 @@ class ShardSetWriter:
     def _open(self) -> None:
         name = f"shard-{len(self.shards):06d}.tar"
         self._path = os.path.join(self.out_dir, name)
-        self._writer = wds.TarWriter(self._path, encoder=False, mtime=0.0)
+        self._writer = wds.TarWriter(self._path, encoder=False, mtime=0)
         self._count = 0
         self._bytes = 0
 

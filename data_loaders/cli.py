@@ -1,0 +1,127 @@
+"""``lcv-data``: pack / synth / encode / stats. Run ``lcv-data <command> --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+from data_loaders.config import DataConfig, DataConfigError, DataError
+
+
+def _buckets(text: str) -> list[list[int]]:
+    """``"93x480x832,1x480x832"`` -> [[93, 480, 832], [1, 480, 832]]."""
+    out = []
+    for part in text.split(","):
+        try:
+            f, h, w = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bucket {part!r}: expected FRAMESxHEIGHTxWIDTH, e.g. 93x480x832") from None
+        out.append([f, h, w])
+    return out
+
+
+def _frames(text: str) -> list[int]:
+    parts = [int(v) for v in text.replace("-", ",").split(",")]
+    return [parts[0], parts[-1]]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lcv-data", description="Shards for lcv-train: pack, synth, encode, stats.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    a = sub.add_parser("pack", help="CSV of video/image files + captions -> WebDataset shards + index.json")
+    a.add_argument("--input", required=True, help="CSV with a path column, a caption column, any metadata columns")
+    a.add_argument("--out", required=True)
+    a.add_argument("--shard-size", default="1GB", help="target bytes per shard (1GB, 512MiB, ...)")
+    a.add_argument("--path-column", default=None)
+    a.add_argument("--caption-column", default=None)
+
+    a = sub.add_parser("synth", help="write the synthetic moving-shapes set as real mp4 shards")
+    a.add_argument("--out", required=True)
+    a.add_argument("--n", type=int, default=2000)
+    a.add_argument("--frames", type=_frames, default=[8, 16], help="frames per clip, N or MIN-MAX")
+    a.add_argument("--height", type=int, default=32)
+    a.add_argument("--width", type=int, default=32)
+    a.add_argument("--fps", type=float, default=8.0)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--image-fraction", type=float, default=0.0, help="share of 1-frame still images (jpg)")
+    a.add_argument("--samples-per-shard", type=int, default=256)
+
+    a = sub.add_parser("encode", help="precompute VAE latents + text embeddings into new shards")
+    a.add_argument("--shards", required=True, nargs="+", help="pixel shard dirs / index files / shard URLs")
+    a.add_argument("--out", required=True)
+    a.add_argument("--buckets", type=_buckets, default=None, help="FxHxW,... (default: data config default)")
+    a.add_argument("--fps", type=float, default=None)
+    a.add_argument("--batch-size", type=int, default=4)
+    a.add_argument("--num-workers", type=int, default=1)
+    a.add_argument("--shard-size", default="1GB")
+    a.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"))
+    a.add_argument("--config-dir", default=None, help="the conf/ dir (default: the installed conf package)")
+    a.add_argument("overrides", nargs="*", help="vae=<name> text_encoder=<name> [vae.path=...] ...")
+
+    a = sub.add_parser("stats", help="counts by bucket, subset, media; skip reasons; metadata ranges")
+    a.add_argument("shards", nargs="+")
+    a.add_argument("--buckets", type=_buckets, default=None, help="FxHxW,... (default: data config default)")
+    a.add_argument("--fps", type=float, default=None)
+    a.add_argument("--temporal-stride", type=int, default=1)
+    a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return _run(args)
+    except (DataConfigError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"lcv-data {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    d = DataConfig()
+    if args.cmd == "pack":
+        from data_loaders.pack import pack
+
+        summary = pack(args.input, args.out, args.shard_size, args.path_column, args.caption_column)
+        print(f"packed {summary['written']} samples into {summary['shards']} shards; index {summary['index']}")
+        if summary["skipped"]:
+            print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["skipped"].items())))
+        return 0
+    if args.cmd == "synth":
+        from data_loaders.synthetic import ensure_synthetic_shards
+
+        out = ensure_synthetic_shards(args.out, args.n, args.frames, args.height, args.width, args.fps, args.seed,
+                                      image_fraction=args.image_fraction, samples_per_shard=args.samples_per_shard)
+        print(f"synthetic set ({args.n} samples) in {out}")
+        return 0
+    if args.cmd == "stats":
+        from data_loaders.stats import collect_stats, format_stats
+
+        st = collect_stats(args.shards, args.buckets or d.buckets, args.fps or d.fps, args.temporal_stride)
+        print(json.dumps(st, indent=1) if args.json else format_stats(st))
+        return 0
+    if args.cmd == "encode":
+        from data_loaders.encode import compose_encoder_config, encode_shards
+
+        cfg = compose_encoder_config(args.overrides, args.config_dir)
+        from lcv_train.encoders import build_text_encoder, build_video_codec  # lazy: only this command needs it
+
+        codec = build_video_codec(cfg.vae)
+        text = build_text_encoder(cfg.text_encoder)
+        from dataclasses import replace
+
+        data = replace(d, buckets=args.buckets or d.buckets, fps=args.fps or d.fps, batch_size=args.batch_size,
+                       spatial_multiple=max(1, int(getattr(codec, "spatial_stride", 1))))
+        summary = encode_shards(args.shards, args.out, codec, text, data, args.shard_size, args.dtype, args.num_workers)
+        print(f"encoded {summary['written']} samples into {summary['shards']} shards; index {summary['index']}")
+        return 0
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
