@@ -6,7 +6,7 @@
 # One node, all local GPUs (or one process on a CPU-only box):
 #   launch/torchrun.sh stage=video_pretrain parallel=fsdp_cp4
 # Several nodes (run the same line on each node; the first node in the list hosts the store):
-#   LCV_NNODES=4 LCV_RDZV_ENDPOINT=node001:29400 launch/torchrun.sh ...
+#   LCV_NNODES=4 LCV_RDZV_ENDPOINT=node001:29400 LCV_RUN_NAME=vp1 launch/torchrun.sh ...
 #
 # Settings (environment; unset = default):
 #   LCV_NPROC_PER_NODE  workers on this node   NPROC_PER_NODE, else the number of visible GPUs, else 1
@@ -16,6 +16,8 @@
 #   LCV_RDZV_ID         rendezvous id          SLURM_JOB_ID, else "lcv-train"
 #   LCV_MAX_RESTARTS    group restarts         3 (each restart resumes from the latest checkpoint)
 #   OMP_NUM_THREADS     threads per worker     CPUs available here / workers per node
+#   LCV_RUN_NAME        run.name, all ranks    a run.name=... argument wins; else a timestamp taken
+#                                              here (several nodes: required)
 #   LCV_TORCHRUN_ARGS   extra torchrun flags, word-split (e.g. "--log-dir logs/torchrun --tee 3")
 #   PYTHON              interpreter            python, else python3
 set -euo pipefail
@@ -65,6 +67,24 @@ if [[ -z ${OMP_NUM_THREADS:-} ]]; then
     export OMP_NUM_THREADS
 fi
 
+# One run name for every rank and every elastic restart, fixed here rather than by each worker's
+# config (its default is a timestamp, which would differ between ranks and between restarts, and a
+# restarted group must find the previous attempt's checkpoints). A run.name=... argument wins.
+run_name_given=0
+for a in "$@"; do
+    [[ $a == run.name=* || $a == +run.name=* || $a == ++run.name=* ]] && run_name_given=1
+done
+run_name=${LCV_RUN_NAME:-}
+if [[ $run_name_given == 0 && -z $run_name ]]; then
+    if [[ $nnodes != 1 ]]; then
+        echo "torchrun.sh: several nodes need one run name: set LCV_RUN_NAME or pass run.name=..." >&2
+        exit 2
+    fi
+    run_name=$(date +%Y%m%d-%H%M%S)
+fi
+name_arg=()
+[[ $run_name_given == 0 ]] && name_arg=("run.name=$run_name")
+
 cmd=("$py" -m torch.distributed.run
      --nnodes "$nnodes"
      --nproc-per-node "$nproc_per_node"
@@ -74,7 +94,7 @@ cmd=("$py" -m torch.distributed.run
      --max-restarts "${LCV_MAX_RESTARTS:-3}")
 # shellcheck disable=SC2206  # word splitting is the point
 [[ -n ${LCV_TORCHRUN_ARGS:-} ]] && cmd+=($LCV_TORCHRUN_ARGS)
-cmd+=(-m lcv_train "$@")
+cmd+=(-m lcv_train "${name_arg[@]}" "$@")
 
 echo "torchrun.sh [$(hostname)] OMP_NUM_THREADS=$OMP_NUM_THREADS ${cmd[*]}" >&2
 exec "${cmd[@]}"
