@@ -1,0 +1,184 @@
+"""Communication for context parallelism: token split/gather with gradients, ring shifts, all-to-all.
+
+Gradient convention (read this before reducing gradients)
+---------------------------------------------------------
+Every backward here is the exact adjoint of its forward for the objective ``J = sum over cp ranks of
+that rank's loss``. When each rank computes the same loss ``L`` on the gathered output (the DiT gathers
+tokens before unpatchify and the loss is taken on the full latents), ``J = cp * L`` and so::
+
+    mean over the cp group of a rank's parameter gradient == dL/dparam    (for every parameter)
+
+That holds for parameters used on sharded tokens (blocks), on replicated inputs that reach sharded tokens
+by broadcasting (timestep / caption embedders, adaLN), and before the split (patch embedding): the trainer
+averages gradients over the cp ranks exactly as it does over data-parallel ranks (FSDP on the flattened
+``dp x cp`` mesh does this). The loss value itself is identical on the cp ranks: log it once.
+
+Hence ``gather_tokens``' backward is a sum over ranks followed by the local slice (the adjoint of an
+all-gather), and ``split_tokens``' backward writes the local gradient into a zero tensor of the full shape
+(the adjoint of taking a slice). The "backward of split = all-gather, backward of gather = local slice"
+pairing is only consistent when every consumer of a replicated tensor is replicated too; the DiT's
+per-frame modulation and text keys are replicated tensors consumed by sharded tokens, so that pairing
+would leave some gradients partial and others complete, with no single reduction that fixes both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+def group_size(group: ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def group_rank(group: ProcessGroup | None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+# -- split / gather along one dimension -----------------------------------------------------------
+
+def _check_divisible(x: torch.Tensor, dim: int, cp: int) -> None:
+    if x.shape[dim] % cp != 0:
+        raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} (shape {tuple(x.shape)}) into "
+                         f"{cp} equal context-parallel shards: {x.shape[dim]} % {cp} != 0")
+
+
+def _all_gather_cat(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+    cp = group_size(group)
+    parts = [torch.empty_like(x) for _ in range(cp)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class _Split(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        cp, r = group_size(group), group_rank(group)
+        _check_divisible(x, dim, cp)
+        ctx.dim, ctx.cp, ctx.r, ctx.full = dim, cp, r, x.shape[dim]
+        return x.chunk(cp, dim=dim)[r].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = list(grad.shape)
+        full[ctx.dim] = ctx.full
+        out = grad.new_zeros(full)
+        n = grad.shape[ctx.dim]
+        out.narrow(ctx.dim, ctx.r * n, n).copy_(grad)
+        return out, None, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        ctx.cp, ctx.r = group_size(group), group_rank(group)
+        return _all_gather_cat(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.chunk(ctx.cp, dim=ctx.dim)[ctx.r].contiguous(), None, None
+
+
+def split_tokens(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+    """This rank's equal slice of ``x`` along ``dim`` (rank r gets chunk r). Backward: zero-padded gradient
+    (see the module docstring for why). Identity when the group has one rank."""
+    if group_size(group) == 1:
+        return x
+    return _Split.apply(x, dim, group)
+
+
+def gather_tokens(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in rank order. Backward: sum over ranks, then this rank's
+    slice. Identity when the group has one rank."""
+    if group_size(group) == 1:
+        return x
+    return _Gather.apply(x, dim, group)
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """``[cp, *x.shape]``: every rank's ``x`` stacked in rank order (no autograd)."""
+    out = x.new_empty((group_size(group),) + tuple(x.shape))
+    dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group)
+    return out
+
+
+# -- ring shift -----------------------------------------------------------------------------------
+
+class RingShift:
+    """Send ``x`` to the next rank of the ring and receive the previous rank's buffer of the same shape.
+
+    Both transfers are posted at construction (so compute can overlap them) and finished by ``wait()``.
+    Posting is ordered by rank parity: even ranks post the send first, odd ranks the receive first. Every
+    rank posts the same sequence of shifts, so send/receive pairs always match, on gloo as on NCCL;
+    ``batch_isend_irecv`` is not used (it can hang on gloo). ``tag`` separates shifts in flight at once.
+    """
+
+    def __init__(self, x: torch.Tensor, group: ProcessGroup, tag: int = 0):
+        cp, r = group_size(group), group_rank(group)
+        self.send_buf = x.contiguous()
+        self.recv_buf = torch.empty_like(self.send_buf)
+        nxt, prv = (r + 1) % cp, (r - 1) % cp
+
+        def send():
+            return dist.isend(self.send_buf, group=group, tag=tag, group_dst=nxt)
+
+        def recv():
+            return dist.irecv(self.recv_buf, group=group, tag=tag, group_src=prv)
+
+        self.works = [send(), recv()] if r % 2 == 0 else [recv(), send()]
+
+    def wait(self) -> torch.Tensor:
+        for w in self.works:
+            w.wait()
+        self.works = []
+        return self.recv_buf
+
+
+def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Flatten same-dtype tensors into one contiguous buffer (one message instead of several)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unpack(buf: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, o = [], 0
+    for t in like:
+        n = t.numel()
+        out.append(buf[o:o + n].view(t.shape))
+        o += n
+    return out
+
+
+# -- all-to-all (Ulysses) -------------------------------------------------------------------------
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: ProcessGroup) -> torch.Tensor:
+    cp = group_size(group)
+    _check_divisible(x, scatter_dim, cp)
+    inp = torch.stack(x.chunk(cp, dim=scatter_dim)).contiguous()
+    out = torch.empty_like(inp)
+    dist.all_to_all_single(out, inp, group=group)
+    return torch.cat(out.unbind(0), dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: ProcessGroup) -> torch.Tensor:
+    """Split ``x`` into cp chunks along ``scatter_dim``, send chunk j to rank j, and concatenate the chunks
+    received along ``gather_dim`` in rank order. Its backward is the inverse all-to-all."""
+    if group_size(group) == 1:
+        return x
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)

@@ -1,0 +1,177 @@
+"""Context-parallel attention operators for the DiT, and ``apply_context_parallel``.
+
+Both operators shard the token grid along H (rank r holds rows ``[r*H/cp, (r+1)*H/cp)`` of every frame), so
+the condition/noisy split along T stays local and each of the model's ``self_attention`` calls (condition
+queries over condition keys, noisy queries over all keys) is context-parallel on its own.
+
+* ``RingAttentionOp``: queries stay put, K/V shards circulate (``ring.py``); dense or block-sparse.
+* ``UlyssesAttentionOp``: all-to-all from (local tokens, all heads) to (all tokens, heads/cp), the single-
+  process operator on the full grid, and back. Needs ``heads % cp == 0``.
+
+Text cross-attention is local (text is replicated). Gradients follow ``comm.py``'s convention: average
+parameter gradients over the cp group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from lcv_train.errors import ConfigError
+from lcv_train.model.attention import AttentionOp, BlockSparseAttentionOp, Grid
+from parallel.context_parallel.comm import all_to_all, gather_tokens, group_rank, group_size, split_tokens
+from parallel.context_parallel.ring import bsa_ring_attention, dense_ring_attention
+
+_INNER = ("dense", "bsa")
+
+
+class _ContextParallelOp(AttentionOp):
+    cp_mode = ""
+
+    def __init__(self, group: ProcessGroup | None, inner: str = "dense", *, sparsity: float = 0.9375,
+                 block_shape: Grid = (4, 4, 4), cdf_threshold: float | None = None, backend: str = "auto",
+                 dense_backend: str = "auto"):
+        if inner not in _INNER:
+            raise ConfigError(f"parallel.cp inner attention must be one of {_INNER}, got {inner!r}")
+        self.group = group
+        self.cp = group_size(group)
+        self.rank = group_rank(group)
+        self.name = inner
+        self.sparsity = sparsity
+        self.block_shape = tuple(int(b) for b in block_shape)
+        self.cdf_threshold = cdf_threshold
+        self.backend = backend
+        self.dense_backend = dense_backend
+
+    # -- token layout ---------------------------------------------------------------------------
+    def _height_unit(self) -> int:
+        """Rows each rank's share must be a multiple of (whole blocks for BSA)."""
+        return self.block_shape[1] if self.name == "bsa" else 1
+
+    def check_grid(self, height: int) -> None:
+        """Raise a clear error when a full token-grid height cannot be sharded over this cp group."""
+        unit = self._height_unit()
+        if height % (self.cp * unit) != 0:
+            what = f"cp * block_h = {self.cp} * {unit}" if unit > 1 else f"cp = {self.cp}"
+            raise ConfigError(
+                f"parallel.cp={self.cp} ({self.cp_mode}, {self.name} attention): the latent token grid height "
+                f"H={height} (patch units) must be divisible by {what} = {self.cp * unit}, because each rank "
+                f"holds H/cp rows{' made of whole 3D blocks' if unit > 1 else ''}; use a resolution bucket "
+                f"whose height is a multiple of {self.cp * unit} patches, or a smaller parallel.cp")
+
+    def shard_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_grid(x.shape[2])
+        return split_tokens(x, 2, self.group)
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_tokens(x, 2, self.group)
+
+    def _use_bsa(self, q_grid: Grid, kv_grid: Grid) -> bool:
+        # Same rule as BlockSparseAttentionOp: block-sparse only on video (T > 1).
+        return self.name == "bsa" and not (q_grid[0] <= 1 and kv_grid[0] <= 1)
+
+    def inner_op(self) -> AttentionOp:
+        """The single-process operator this one distributes."""
+        if self.name == "bsa":
+            return BlockSparseAttentionOp(self.sparsity, self.block_shape, self.cdf_threshold, self.backend)
+        return AttentionOp()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(cp={self.cp}, inner={self.name!r})"
+
+
+class RingAttentionOp(_ContextParallelOp):
+    """Ring attention over the cp group (dense, or block-sparse with globally consistent block selection)."""
+
+    cp_mode = "ring"
+
+    def self_attention(self, q, k, v, q_grid, kv_grid):
+        if self._use_bsa(q_grid, kv_grid):
+            self.check_grid(q_grid[1] * self.cp)
+            return bsa_ring_attention(q, k, v, q_grid, kv_grid, self.group, self.block_shape, self.sparsity,
+                                      self.cdf_threshold, self.backend)
+        return dense_ring_attention(q, k, v, self.group, backend=self.dense_backend)
+
+
+class UlyssesAttentionOp(_ContextParallelOp):
+    """All-to-all (heads <-> sequence) around the single-process operator; needs heads % cp == 0."""
+
+    cp_mode = "ulysses"
+
+    def __init__(self, group, inner="dense", **kwargs):
+        super().__init__(group, inner, **kwargs)
+        self._inner = self.inner_op()
+
+    def _height_unit(self) -> int:
+        return 1  # block-sparse attention runs on the full grid after the all-to-all
+
+    def _to_full(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """``[B, T*h*W, heads, D]`` local -> ``[B, T*H*W, heads/cp, D]`` in full-grid raster order."""
+        B, _, heads, D = x.shape
+        if heads % self.cp != 0:
+            raise ConfigError(f"parallel.cp_mode=ulysses needs the number of attention heads ({heads}) to be "
+                              f"divisible by parallel.cp={self.cp}; use cp_mode=ring or a cp dividing {heads}")
+        T, h, W = grid
+        x = all_to_all(x, 2, 1, self.group)  # sequence is now rank-major: [cp, T, h, W]
+        x = x.view(B, self.cp, T, h, W, heads // self.cp, D).transpose(1, 2)
+        return x.reshape(B, T * self.cp * h * W, heads // self.cp, D)
+
+    def _to_local(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        B, _, hh, D = x.shape
+        T, h, W = grid
+        x = x.view(B, T, self.cp, h, W, hh, D).transpose(1, 2).reshape(B, self.cp * T * h * W, hh, D)
+        return all_to_all(x, 1, 2, self.group)
+
+    def self_attention(self, q, k, v, q_grid, kv_grid):
+        full = lambda g: (g[0], g[1] * self.cp, g[2])  # noqa: E731
+        qf = self._to_full(q, q_grid)
+        kf, vf = self._to_full(k, kv_grid), self._to_full(v, kv_grid)
+        out = self._inner.self_attention(qf, kf, vf, full(q_grid), full(kv_grid))
+        return self._to_local(out, q_grid)
+
+
+_MODES = {"ring": RingAttentionOp, "ulysses": UlyssesAttentionOp}
+
+
+def resolve_cp_group(group_or_mesh) -> ProcessGroup:
+    """A ProcessGroup, a 1-D DeviceMesh, or a DeviceMesh with a ``"cp"`` dimension -> the cp ProcessGroup."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group_or_mesh, DeviceMesh):
+        if group_or_mesh.ndim == 1:
+            return group_or_mesh.get_group()
+        names = group_or_mesh.mesh_dim_names or ()
+        if "cp" not in names:
+            raise ValueError(f"apply_context_parallel: device mesh has dims {names}; expected a 'cp' dimension")
+        return group_or_mesh.get_group("cp")
+    if group_or_mesh is None:
+        return dist.group.WORLD
+    return group_or_mesh
+
+
+def make_context_parallel_op(inner_op: AttentionOp, group: ProcessGroup, mode: str = "ring") -> _ContextParallelOp:
+    """The context-parallel version of a single-process operator (dense ``AttentionOp`` or
+    ``BlockSparseAttentionOp``), keeping its sparsity settings."""
+    if mode not in _MODES:
+        raise ConfigError(f"parallel.cp_mode must be one of {sorted(_MODES)}, got {mode!r}")
+    if isinstance(inner_op, _ContextParallelOp):
+        raise ValueError(f"attention operator {inner_op!r} is already context-parallel")
+    if getattr(inner_op, "name", None) == "bsa":
+        return _MODES[mode](group, "bsa", sparsity=inner_op.sparsity, block_shape=inner_op.block_shape,
+                            cdf_threshold=inner_op.cdf_threshold, backend=inner_op.backend)
+    if type(inner_op) is AttentionOp or getattr(inner_op, "name", None) == "dense":
+        return _MODES[mode](group, "dense")
+    raise ValueError(f"apply_context_parallel: unknown attention operator {inner_op!r} (name "
+                     f"{getattr(inner_op, 'name', None)!r}); expected 'dense' or 'bsa'")
+
+
+def apply_context_parallel(model, group_or_mesh=None, mode: str = "ring"):
+    """Swap ``model.attention_op`` for its context-parallel version over ``group_or_mesh`` (in place).
+
+    The model then shards its token grid along H right after patchify and gathers it before unpatchify;
+    parameters stay replicated. Average parameter gradients over the cp group (see ``comm.py``).
+    """
+    group = resolve_cp_group(group_or_mesh)
+    model.attention_op = make_context_parallel_op(model.attention_op, group, mode)
+    return model

@@ -1,0 +1,146 @@
+"""Context parallelism on 2 and 4 gloo ranks equals single-process attention (outputs and dq/dk/dv).
+
+Every rank builds the same full q/k/v (same seed), computes the single-process reference on them, runs the
+context-parallel operator on its H-shard, and compares its shard of the output and of the gradients. The
+model's two calls with condition frames are reproduced: condition queries over condition keys, noisy
+queries over all keys. Tolerances (fp32): rtol 1e-5, atol 1e-5 on values of order 1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from _dist import close_pools, get_pool
+from lcv_train.errors import ConfigError
+from lcv_train.model.attention import AttentionOp, BlockSparseAttentionOp
+from parallel.context_parallel import (RingAttentionOp, UlyssesAttentionOp, gather_tokens, split_tokens)
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+B, HEADS, D = 2, 4, 8
+DENSE_GRID = (3, 4, 3)
+BSA_GRID, BSA_BLOCK = (5, 8, 6), (2, 2, 2)
+
+
+def _shard(x: torch.Tensor, grid, cp: int, r: int) -> torch.Tensor:
+    """``[B, T*H*W, ...]`` full raster -> rank r's rows of every frame, in local raster order."""
+    T, H, W = grid
+    h = H // cp
+    xg = x.reshape(x.shape[0], T, H, W, *x.shape[2:])[:, :, r * h:(r + 1) * h]
+    return xg.reshape(x.shape[0], T * h * W, *x.shape[2:])
+
+
+def _attend(op, q, k, v, grid, num_cond: int) -> torch.Tensor:
+    """The model's calls: one over all tokens, or condition-only plus noisy-over-all."""
+    if num_cond == 0:
+        return op.self_attention(q, k, v, grid, grid)
+    T, H, W = grid
+    n = num_cond * H * W
+    cgrid, ngrid = (num_cond, H, W), (T - num_cond, H, W)
+    out_c = op.self_attention(q[:, :n], k[:, :n], v[:, :n], cgrid, cgrid)
+    out_n = op.self_attention(q[:, n:], k, v, ngrid, grid)
+    return torch.cat([out_c, out_n], dim=1)
+
+
+def _inputs(grid, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    S = grid[0] * grid[1] * grid[2]
+    q, k, v, w = (torch.randn(B, S, HEADS, D, generator=g) for _ in range(4))
+    # make block scores informative so the selection is not a near-tie
+    return q, k, v, w
+
+
+def _grads(op, q, k, v, w, grid, num_cond):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = _attend(op, q, k, v, grid, num_cond)
+    (out * w).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _check_op(rank, world, mode, inner, grid, cases):
+    cls = RingAttentionOp if mode == "ring" else UlyssesAttentionOp
+    for seed, (num_cond, settings) in enumerate(cases):
+        settings = dict(settings)
+        q, k, v, w = _inputs(grid, seed)
+        if inner == "bsa":
+            ref_op = BlockSparseAttentionOp(settings["sparsity"], BSA_BLOCK, settings.get("cdf_threshold"), "torch")
+            cp_op = cls(dist.group.WORLD, "bsa", block_shape=BSA_BLOCK, backend="torch", **settings)
+            dense_out = _attend(AttentionOp(), q, k, v, grid, num_cond)
+        else:
+            ref_op, cp_op = AttentionOp(), cls(dist.group.WORLD, "dense")
+        ref = _grads(ref_op, q, k, v, w, grid, num_cond)
+        if inner == "bsa":  # the sparse path is really taken
+            assert not torch.allclose(ref[0], dense_out, atol=1e-3)
+        local_grid = (grid[0], grid[1] // world, grid[2])
+        got = _grads(cp_op, *(_shard(t, grid, world, rank) for t in (q, k, v, w)), local_grid, num_cond)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+            torch.testing.assert_close(a, _shard(b, grid, world, rank), **TOL,
+                                       msg=lambda m: f"{mode}/{inner} num_cond={num_cond} {settings} {name}: {m}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pools():
+    yield
+    close_pools()
+
+
+DENSE_CASES = [(0, {}), (1, {}), (2, {})]
+BSA_CASES = [(0, {"sparsity": 0.75}), (2, {"sparsity": 0.75}), (1, {"sparsity": 0.5}),
+             (2, {"sparsity": 0.75, "cdf_threshold": 0.5})]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("mode,inner", [("ring", "dense"), ("ulysses", "dense"), ("ring", "bsa"), ("ulysses", "bsa")])
+def test_context_parallel_attention_matches_single_process(world, mode, inner):
+    grid, cases = (BSA_GRID, BSA_CASES) if inner == "bsa" else (DENSE_GRID, DENSE_CASES)
+    get_pool(world).run(_check_op, mode, inner, grid, cases)
+
+
+def test_single_rank_without_process_group_is_plain_attention():
+    q, k, v, w = _inputs(DENSE_GRID, 0)
+    ref = _grads(AttentionOp(), q, k, v, w, DENSE_GRID, 1)
+    got = _grads(RingAttentionOp(None, "dense"), q, k, v, w, DENSE_GRID, 1)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+# -- split / gather and errors -------------------------------------------------------------------
+
+def _check_split_gather_and_errors(rank, world):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4 * world, 5, 6, generator=g)
+    w = torch.randn(2, 3, 4 * world, 5, 6, generator=g)
+    xr = x.clone().requires_grad_(True)
+    local = split_tokens(xr, 2, dist.group.WORLD)
+    torch.testing.assert_close(local, x[:, :, 4 * rank:4 * rank + 4])
+    full = gather_tokens(local * 2.0, 2, dist.group.WORLD)
+    torch.testing.assert_close(full, 2.0 * x)
+    (full * w).sum().backward()
+    # this rank's share: only its slice, scaled by cp; the mean over the cp group is the true gradient
+    expect = torch.zeros_like(x)
+    expect[:, :, 4 * rank:4 * rank + 4] = world * 2.0 * w[:, :, 4 * rank:4 * rank + 4]
+    torch.testing.assert_close(xr.grad, expect)
+    mean = xr.grad.clone()
+    dist.all_reduce(mean)
+    torch.testing.assert_close(mean / world, 2.0 * w)
+
+    group = dist.group.WORLD
+    bad = torch.zeros(1, 2, 4 * world + 1, 3, 8)
+    with pytest.raises(ConfigError, match=rf"H={4 * world + 1}.*cp = {world}"):
+        RingAttentionOp(group, "dense").shard_tokens(bad)
+    h = 2 * world  # divisible by cp, not by cp * block_h
+    with pytest.raises(ConfigError, match=rf"H={h}.*cp \* block_h = {world} \* 4"):
+        RingAttentionOp(group, "bsa").shard_tokens(torch.zeros(1, 2, h, 3, 8))
+    UlyssesAttentionOp(group, "bsa").shard_tokens(torch.zeros(1, 2, h, 3, 8))  # Ulysses needs no whole blocks
+    q = torch.zeros(1, 2 * 2 * 3, world + 1, 8)
+    with pytest.raises(ConfigError, match=rf"heads \({world + 1}\).*cp={world}"):
+        UlyssesAttentionOp(group, "dense").self_attention(q, q, q, (2, 2, 3), (2, 2, 3))
+    with pytest.raises(ConfigError, match="cp_mode"):
+        from parallel.context_parallel import make_context_parallel_op
+        make_context_parallel_op(AttentionOp(), group, "zigzag")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_split_gather_gradients_and_errors(world):
+    get_pool(world).run(_check_split_gather_and_errors)
