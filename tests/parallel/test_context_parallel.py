@@ -12,7 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _dist import close_pools, get_pool
+try:
+    from _dist import close_pools, get_pool
+except ImportError:  # tests/parallel became a package
+    from tests.parallel._dist import close_pools, get_pool
 from lcv_train.errors import ConfigError
 from lcv_train.model.attention import AttentionOp, BlockSparseAttentionOp
 from parallel.context_parallel import (RingAttentionOp, UlyssesAttentionOp, gather_tokens, split_tokens)
