@@ -98,7 +98,7 @@ def decode_video(data: bytes, frames: int, height: int, width: int, fps: float, 
                 last_t = prev.time if prev.time is not None else 0.0
                 span = 1.0 / rate if rate else 1.0 / fps
                 arr = prev_arr if prev_arr is not None else convert(prev)
-                while j < frames and times[j] < last_t + span + 1e-6:
+                while j < frames and times[j] < last_t + span - 1e-6:
                     out[j] = arr
                     j += 1
     except DecodeError:
