@@ -20,6 +20,7 @@
 #                                              here (several nodes: required)
 #   LCV_TORCHRUN_ARGS   extra torchrun flags, word-split (e.g. "--log-dir logs/torchrun --tee 3")
 #   PYTHON              interpreter            python, else python3
+#   LCV_DRY_RUN=1       print the command line and exit
 set -euo pipefail
 
 py=${PYTHON:-}
@@ -85,6 +86,11 @@ fi
 name_arg=()
 [[ $run_name_given == 0 ]] && name_arg=("run.name=$run_name")
 
+# Workers get a fresh TCPStore for every restart of the group. With the default (the workers share the
+# rendezvous agent's store, which lives on across restarts), a restarted group finds the previous
+# attempt's keys there, and init_process_group connects to the dead workers' addresses.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
 cmd=("$py" -m torch.distributed.run
      --nnodes "$nnodes"
      --nproc-per-node "$nproc_per_node"
@@ -97,4 +103,5 @@ cmd=("$py" -m torch.distributed.run
 cmd+=(-m lcv_train "${name_arg[@]}" "$@")
 
 echo "torchrun.sh [$(hostname)] OMP_NUM_THREADS=$OMP_NUM_THREADS ${cmd[*]}" >&2
+[[ ${LCV_DRY_RUN:-0} == 1 ]] && exit 0
 exec "${cmd[@]}"

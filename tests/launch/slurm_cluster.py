@@ -74,6 +74,7 @@ class LocalSlurm:
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.sock"
         self._procs: dict[str, subprocess.Popen] = {}
+        self.cpus = 0  # the node's CPU count, known once started
 
     # -- environment ---------------------------------------------------------
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -97,6 +98,7 @@ class LocalSlurm:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         hw = _hardware()
+        self.cpus = int(hw["CPUs"])
         cpus = hw["CPUs"]
         topo = " ".join(f"{k}={hw[k]}" for k in ("Boards", "SocketsPerBoard", "CoresPerSocket",
                                                    "ThreadsPerCore") if k in hw)
