@@ -30,6 +30,9 @@ from lcv_train.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
+ARCHITECTURE_KEYS = ("in_channels", "out_channels", "hidden_size", "depth", "num_heads", "caption_channels",
+                     "mlp_ratio", "ffn_multiple_of", "adaln_tembed_dim", "frequency_embedding_size", "patch_size")
+
 
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
@@ -129,9 +132,13 @@ class Checkpointer:
             raise CheckpointError(f"not a checkpoint: {meta_file} is missing (expected a step_N directory "
                                   f"written by lcv-train)")
         meta = json.loads(meta_file.read_text())
-        want, have = expect_meta.get("model"), meta.get("model")
-        if want is not None and have is not None and want != have:
-            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        want, have = json.loads(json.dumps(expect_meta.get("model"))), meta.get("model")
+        if want is not None and have is not None:
+            # Only what shapes the weights must match: switching attention (dense -> BSA) is a stage.
+            diff = sorted(k for k in ARCHITECTURE_KEYS if want.get(k) != have.get(k))
+        else:
+            diff = []
+        if diff:
             k = diff[0]
             raise CheckpointError(f"checkpoint {path} was written for a different model: model.{k} is "
                                   f"{have.get(k)!r} there and {want.get(k)!r} here (differing keys: {diff})")

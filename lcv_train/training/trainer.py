@@ -26,7 +26,7 @@ from lcv_train.training.checkpoint import Checkpointer, rng_state, set_rng_state
 from lcv_train.training.ema import EMA
 from lcv_train.training.metrics import MetricsLogger, setup_logging
 from lcv_train.training.schedule import build_lr_scheduler
-from parallel import TorchEngine, init_distributed, parallelize_model
+from parallel import build_engine, init_distributed, parallelize_model
 
 log = logging.getLogger("lcv_train")
 
@@ -92,13 +92,10 @@ class Trainer:
         self.stage.prepare(model)
         model.to(self.device)
         self.model = parallelize_model(model, self.dims, cfg.parallel)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
-        autocast = torch.bfloat16 if self.device.type == "cuda" and cfg.parallel.mixed_precision == "bf16" else None
-        self.engine = TorchEngine(self.model, optimizer, grad_clip=o.grad_clip, autocast_dtype=autocast,
-                                  device=self.device)
-        self.lr_scheduler = build_lr_scheduler(optimizer, cfg.schedule, cfg.trainer.max_steps)
+        self.engine = build_engine(self.model, {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
+                                                "eps": o.eps}, self.dims, cfg.parallel, grad_clip=o.grad_clip)
+        self.lr_scheduler = build_lr_scheduler(self.engine.optimizer, cfg.schedule, cfg.trainer.max_steps)
         self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
         self.progress = Progress()
 

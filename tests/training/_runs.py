@@ -1,0 +1,36 @@
+"""Helpers for tests that run the real ``lcv-train`` on a tiny synthetic set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_overrides(root: Path, data_dir: Path) -> list[str]:
+    return [f"run.root={root}", "logger=none", f"synthetic.dir={data_dir}", "synthetic.n=48", "synthetic.frames=5",
+            "synthetic.height=16", "synthetic.width=16", "data.buckets=[[5,16,16]]", "data.batch_size=4",
+            "sample.frames=5", "sample.height=16", "sample.width=16", "sample.steps=2",
+            "schedule.kind=constant", "schedule.warmup_steps=0"]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(LCV_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + e.get("PYTHONPATH", ""))
+    return e
+
+
+def lcv_train(args: list[str], cwd: Path, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "lcv_train", *args], cwd=cwd, env=env(), capture_output=True,
+                       text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"lcv-train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {d["step"]: d["train/loss"] for d in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}

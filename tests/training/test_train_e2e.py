@@ -1,0 +1,92 @@
+"""End-to-end CPU runs of the real ``lcv-train`` (subprocesses, tiny model, tiny synthetic shards)."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import av
+import pytest
+import torch
+
+from tests.training._runs import REPO, env, lcv_train, losses, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("data")
+
+
+def test_train_resume_continues_exactly(runs):
+    root, data = runs
+    o = tiny_overrides(root, data) + ["trainer.checkpoint_every=3"]
+    lcv_train(o + ["run.name=full", "trainer.max_steps=6", "trainer.sample_at_end=false"], cwd=root)
+    lcv_train(o + ["run.name=split", "trainer.max_steps=3", "trainer.sample_at_end=false"], cwd=root)
+    p = lcv_train(o + ["run.name=split", "trainer.max_steps=6"], cwd=root)
+    assert "resumed from" in p.stdout + p.stderr
+    full, split = losses(root / "full"), losses(root / "split")
+    assert sorted(split) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):  # same data, same noise, same weights after resume
+        assert split[step] == pytest.approx(full[step], rel=1e-6), step
+
+    run = root / "split"
+    assert (run / "config.yaml").is_file() and (run / "logs" / "rank0.log").is_file()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000006"
+    with av.open(str(run / "samples" / "step_0000006.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (16, 32, 3)  # two captions side by side
+
+
+def test_interrupt_leaves_only_complete_checkpoints(runs, tmp_path):
+    root, data = runs
+    o = tiny_overrides(root, data) + ["run.name=interrupted", "trainer.checkpoint_every=1", "trainer.max_steps=500"]
+    ckpts = root / "interrupted" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "step_0000999.tmp").mkdir()  # what an interrupted save leaves behind
+    p = subprocess.Popen([sys.executable, "-m", "lcv_train", *o], cwd=root, env=env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while not (ckpts / "step_0000002").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 130, out[-2000:]
+    assert not (ckpts / "step_0000999.tmp").exists()
+    latest = ckpts / (ckpts / "latest").read_text().strip()
+    assert (latest / ".metadata").is_file() and (latest / "meta.json").is_file()
+    published = [d for d in ckpts.iterdir() if d.is_dir() and not d.name.endswith(".tmp")]
+    assert all((d / ".metadata").is_file() for d in published)
+    step = int(latest.name.split("_")[1])
+    p = lcv_train(o[:-1] + [f"trainer.max_steps={step + 1}", "trainer.sample_at_end=false"], cwd=root)
+    assert f"at step {step}" in p.stdout + p.stderr
+
+
+def test_checkpoint_from_another_model_is_refused(runs):
+    root, data = runs
+    o = tiny_overrides(root, data) + ["run.name=other", "trainer.sample_at_end=false"]
+    lcv_train(o + ["trainer.max_steps=1"], cwd=root)
+    p = lcv_train(o + ["trainer.max_steps=2", "model.depth=3"], cwd=root, check=False)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()[-1]
+    assert "model.depth" in err and "different model" in err
+
+
+def test_export_to_published_format_loads_back(runs, tmp_path):
+    root, data = runs
+    o = tiny_overrides(root, data) + ["run.name=export", "trainer.sample_at_end=false", "trainer.max_steps=2"]
+    lcv_train(o, cwd=root)
+    out = tmp_path / "exported"
+    p = subprocess.run([sys.executable, "-m", "lcv_train.export", str(root / "export"), str(out), "--weights", "ema"],
+                       env=env(), capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    from lcv_train.checkpoints import load_published_dit, read_dit_config
+    from lcv_train.model import LongCatDiT
+
+    m = LongCatDiT(read_dit_config(out))
+    load_published_dit(m, out)
+    from torch.distributed.checkpoint import load as dcp_load
+
+    ema = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    dcp_load({"ema": ema}, checkpoint_id=str(root / "export" / "checkpoints" / "step_0000002"))
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p, ema[n].to(torch.bfloat16).float(), msg=n)
