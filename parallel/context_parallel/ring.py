@@ -8,15 +8,17 @@ Backward (``_RingAttention``, written by hand, flash-attention style): the forwa
 the merged output and the merged lse. The backward walks the ring again, recomputes each step, adds that
 step's dq locally, and adds dk/dv into fp32 accumulators that travel with the K/V shard; one last shift
 returns each accumulator to the rank owning the shard. Memory: the inputs, the output and one fp32 lse per
-query; per step, one visiting K/V shard (plus its dk/dv accumulator in backward) and the step's own
+query; per step, one visiting K/V shard in flight besides the current one (plus their fp32 dk/dv
+accumulators in backward, whose transfer overlaps the next step's compute) and the step's own
 temporaries, which both step kinds bound by chunking.
 
 A *step* is the attention of the local queries over one visiting shard, returning ``(out, lse)`` with
 ``lse`` laid out like ``out`` without its last dim (``[..., heads]``, fp32, natural log):
 
-* ``DenseStep``: ``kernels.attention.dense_attention`` forward; backward by the explicit formula
-  ``ds = p * (dp - delta)`` with the *merged* lse and ``delta = rowsum(dout * out)`` of the merged output,
-  in query chunks.
+* ``DenseStep``: forward by flash-attn when it is the backend (CUDA, fp16/bf16, installed), otherwise
+  fp32 math in query chunks; backward by the explicit formula ``ds = p * (dp - delta)`` with the *merged*
+  lse and ``delta = rowsum(dout * out)`` of the merged output, fp32 math in query chunks (no flash
+  backward yet: on GPU this is the slow part of dense ring attention).
 * ``BlockSparseStep``: ``kernels.bsa.block_attention`` over the selected key blocks this shard holds; its
   backward recomputes the step and backpropagates through ``block_attention`` with the gradients the lse
   merge gives that step (``w = exp(lse_s - lse)``: ``dout_s = w * dout``,
@@ -30,11 +32,19 @@ import math
 import torch
 from torch.distributed import ProcessGroup
 
-from kernels.attention import dense_attention
+from kernels.attention import dense_attention, flash_attn_available
 from parallel.context_parallel.comm import RingShift, group_size, pack, unpack
 
-# fp32 elements of one score chunk [B, H, rows, Sk] in the dense backward (16 MiB per temporary).
+# fp32 elements of one dense score chunk [B, H, rows, Sk]: 16 MiB per temporary on CPU, 512 MiB on GPU.
 CHUNK_ELEMS = 1 << 22
+CHUNK_ELEMS_CUDA = 1 << 27
+
+
+def _row_chunks(rows: int, elems_per_row: int, device: torch.device):
+    limit = CHUNK_ELEMS_CUDA if device.type == "cuda" else CHUNK_ELEMS
+    step = max(1, limit // max(1, elems_per_row))
+    for c0 in range(0, rows, step):
+        yield c0, min(rows, c0 + step)
 
 
 def _finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
@@ -59,8 +69,21 @@ class DenseStep:
         self.scale, self.backend = scale, backend
 
     def forward(self, q, k, v, step: int):
-        out, lse = dense_attention(q, k, v, scale=self.scale, return_lse=True, backend=self.backend)
-        return out, lse.transpose(1, 2)
+        if self.backend == "flash" or (self.backend == "auto" and q.is_cuda and flash_attn_available()
+                                       and q.dtype in (torch.float16, torch.bfloat16)):
+            out, lse = dense_attention(q, k, v, scale=self.scale, return_lse=True, backend=self.backend)
+            return out, lse.transpose(1, 2)
+        # fp32 math in query chunks (math_attention would hold the whole [B, H, Sq, Sk] score matrix)
+        B, Sq, H, D = q.shape
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(D)
+        qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))
+        out = torch.empty(B, H, Sq, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        for c0, c1 in _row_chunks(Sq, B * H * k.shape[1], q.device):
+            s = torch.matmul(qh[:, :, c0:c1], kh.transpose(-1, -2)) * scale
+            lse[:, :, c0:c1] = torch.logsumexp(s, dim=-1)
+            out[:, :, c0:c1] = torch.matmul(torch.exp(s - lse[:, :, c0:c1, None]), vh)
+        return out.transpose(1, 2), lse.transpose(1, 2)
 
     def backward(self, q, k, v, step: int, out, lse, dout, delta):
         B, Sq, H, D = q.shape
@@ -71,9 +94,7 @@ class DenseStep:
         delta_h = delta.transpose(1, 2)[..., None]
         dq = torch.empty_like(qh)
         dk, dv = torch.zeros_like(kh), torch.zeros_like(vh)
-        rows = max(1, CHUNK_ELEMS // max(1, B * H * Sk))
-        for c0 in range(0, Sq, rows):
-            c1 = min(Sq, c0 + rows)
+        for c0, c1 in _row_chunks(Sq, B * H * Sk, q.device):
             qc, doc = qh[:, :, c0:c1], doh[:, :, c0:c1]
             p = torch.exp(torch.matmul(qc, kh.transpose(-1, -2)) * scale - lse_h[:, :, c0:c1])
             dv += torch.matmul(p.transpose(-1, -2), doc)
@@ -149,9 +170,12 @@ class RingRunner:
         dkv = torch.zeros(2 * k.numel(), dtype=torch.float32, device=k.device)
         kv = pack([k, v])
         cur_k, cur_v = k, v
+        pending = None  # the dk/dv accumulator of the shard arriving for this step, in flight
         for s in range(self.cp):
             shift = RingShift(kv, self.group, tag=0) if s < self.cp - 1 else None
             grads = self.step.backward(q, cur_k, cur_v, s, out, lse, dout, delta)
+            if pending is not None:
+                dkv = pending.wait()
             if grads is not None:
                 gq, gk, gv = grads
                 dq += gq
@@ -159,10 +183,12 @@ class RingRunner:
                 dk += gk
                 dv += gv
             if self.cp > 1:  # the accumulator follows its K/V shard; the last shift brings it home
-                dkv = RingShift(dkv, self.group, tag=1).wait()
+                pending = RingShift(dkv, self.group, tag=1)
             if shift is not None:
                 kv = shift.wait()
                 cur_k, cur_v = unpack(kv, [k, v])
+        if pending is not None:
+            dkv = pending.wait()
         dk, dv = unpack(dkv, [k, v])
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
