@@ -78,6 +78,10 @@ class TorchEngine:
         return math.sqrt(float(sq)), [p.grad for p in params]
 
     def step(self) -> float:
+        if self.tp_group is not None:
+            from parallel.tensor_parallel import sum_partial_tp_grads
+
+            sum_partial_tp_grads(self.model, self.tp_group)
         norm, grads = self.grad_norm()
         if self.grad_clip and self.grad_clip > 0 and math.isfinite(norm):
             coef = self.grad_clip / (norm + 1e-6)

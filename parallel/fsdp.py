@@ -7,11 +7,10 @@ the timestep embedder, each block's AdaLN modulation and the final layer. Block 
 (``cast_forward_inputs=False``): the timestep embedding and the RoPE tables must stay fp32; the token
 stream is already bf16 because the patch embedder (which casts its input) produces it.
 
-Sharding mesh: ``dims.fsdp_mesh`` (``dp_shard_cp``, with ``dp_replicate`` in front for HSDP). Context-
-parallel ranks compute gradients for their own tokens of the same samples, so their gradients are
-*summed*, while data-parallel ones are *averaged*: the gradient divide factor is set to the
-data-parallel size (not dp x cp). This assumes each cp rank computes the loss of the whole (gathered)
-sample and that ``gather_tokens``' backward keeps only the local slice of the gradient.
+Sharding mesh: ``dims.fsdp_mesh`` (``dp_shard_cp``, with ``dp_replicate`` in front for HSDP). Gradients are
+averaged over the whole mesh: over data-parallel ranks as usual, and over context-parallel ranks because
+the cp operators' backward makes the cp-mean of a rank's gradient equal to the full gradient (see the
+convention in ``parallel/context_parallel/comm.py``).
 """
 
 from __future__ import annotations
@@ -66,9 +65,4 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, mesh=N
         shard(block, compute, reshard=i < n - 1)
     shard(model.final_layer, fp32, reshard=False)
     shard(model, compute, reshard=False)
-    if dims.cp > 1:
-        model.set_gradient_divide_factor(float(dims.dp_size))
-        for m in model.modules():
-            if m is not model and hasattr(m, "set_gradient_divide_factor"):
-                m.set_gradient_divide_factor(float(dims.dp_size))
     return model

@@ -1,0 +1,233 @@
+"""Tensor parallelism for the DiT with megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear``.
+
+Per block (Megatron's attention/MLP split, heads divided across the ``tp`` mesh dim):
+
+- self-attention: ``qkv`` column-parallel, ``proj`` row-parallel;
+- cross-attention: ``q_linear`` and ``kv_linear`` column-parallel, ``proj`` row-parallel;
+- FFN: ``w1``, ``w3`` column-parallel, ``w2`` row-parallel.
+
+Each TP rank keeps ``heads / tp`` heads (the attention modules' ``heads`` attribute is set to the local
+count, which is all the model reads to reshape). The fused layers' output rows are laid out ``[3, heads, hd]``
+(``qkv``) and ``[2, heads, hd]`` (``kv_linear``), so a plain row split would give a rank q of some heads and
+k of others: rank ``r`` instead gets rows ``[q_r; k_r; v_r]`` (its heads of each part), which keeps the
+model's ``view(..., 3, heads, hd)`` valid on the local shard.
+
+Everything outside those layers is replicated and sees the same activations on every TP rank, except the
+per-head QK RMSNorm weights: each rank only sees its heads, so their gradients are partial and are summed
+over the TP group before the optimizer step (``sum_partial_tp_grads``, called by ``TorchEngine.step``).
+
+Weights are copied from the plain model (megatron's own initialisation is off), so a TP model starts
+exactly where the single-process one does. The state dict keeps the published parameter names; TP-split
+tensors hold the local shard (in the permuted row order for ``qkv``/``kv_linear``);
+``full_state_dict_from_tp`` reassembles the published layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from lcv_train.errors import ConfigError
+from parallel.dims import ParallelDims
+
+
+def _megatron():
+    try:
+        from megatron.core import ModelParallelConfig
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    except ImportError as e:
+        raise ConfigError(f"parallel.tp: tp > 1 needs megatron-core (pip install megatron-core): {e}") from e
+    return ModelParallelConfig, ColumnParallelLinear, RowParallelLinear
+
+
+def _no_extra_state(layer: nn.Module) -> None:
+    """Megatron layers add an ``_extra_state`` entry to state dicts (for Transformer Engine); ours keep the
+    published names only."""
+    layer._load_state_dict_pre_hooks.clear()
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    # megatron's linear backward assumes [s, b, h]
+    return x.reshape(-1, 1, x.shape[-1])
+
+
+def _make_layers():
+    ModelParallelConfig, ColumnParallelLinear, RowParallelLinear = _megatron()
+
+    class ColumnLinear(ColumnParallelLinear):
+        """``ColumnParallelLinear`` that takes and returns plain tensors of any rank (output stays split)."""
+
+        tp_sharded_param_names = ("weight", "bias")
+        get_extra_state = nn.Module.get_extra_state  # no "_extra_state" entry in state dicts
+        set_extra_state = nn.Module.set_extra_state
+
+        def forward(self, x):
+            out, _ = super().forward(_as_3d(x))
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    class RowLinear(RowParallelLinear):
+        """``RowParallelLinear`` on an already-split input; the output is reduced and the bias added once."""
+
+        tp_sharded_param_names = ("weight",)
+        get_extra_state = nn.Module.get_extra_state
+        set_extra_state = nn.Module.set_extra_state
+
+        def forward(self, x):
+            out, _ = super().forward(_as_3d(x))
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    return ModelParallelConfig, ColumnLinear, RowLinear
+
+
+def _local_head_attention_classes():
+    """Subclasses of the model's attention modules whose forward infers the head dim from the projection
+    output instead of the input width, so ``heads`` may be the local (per-TP-rank) count.
+
+    Same math as ``lcv_train.model.dit``; only the reshapes differ (``-1`` for what the model spells
+    ``C // self.heads`` and ``C``). They go away once the model itself reshapes that way."""
+    from lcv_train.model.dit import CrossAttention, SelfAttention, apply_rope
+
+    class LocalHeadsSelfAttention(SelfAttention):
+        def forward(self, x, cos, sin, num_cond, grid, op, cache, cache_mode):
+            B, T, S, _ = x.shape
+            q, k, v = self.qkv(x).view(B, T * S, 3, self.heads, -1).unbind(2)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if cache_mode == "write":
+                cache.k, cache.v = k, v
+            if cache_mode == "read":
+                Tc = cache.k.shape[1] // S
+                q = apply_rope(q, cos[Tc:], sin[Tc:])
+                k = torch.cat([apply_rope(cache.k, cos[:Tc], sin[:Tc]), apply_rope(k, cos[Tc:], sin[Tc:])], dim=1)
+                v = torch.cat([cache.v, v], dim=1)
+                out = op.self_attention(q, k, v, grid, (Tc + grid[0], grid[1], grid[2]))
+            else:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                if num_cond == 0 or num_cond == T:
+                    out = op.self_attention(q, k, v, grid, grid)
+                else:
+                    n = num_cond * S
+                    cgrid, ngrid = (num_cond, grid[1], grid[2]), (T - num_cond, grid[1], grid[2])
+                    out_c = op.self_attention(q[:, :n], k[:, :n], v[:, :n], cgrid, cgrid)
+                    out_n = op.self_attention(q[:, n:], k, v, ngrid, grid)
+                    out = torch.cat([out_c, out_n], dim=1)
+            return self.proj(out.reshape(B, T, S, -1))
+
+    class LocalHeadsCrossAttention(CrossAttention):
+        def forward(self, x, y, key_mask, op):
+            B, T, S, _ = x.shape
+            q = self.q_norm(self.q_linear(x).view(B, T * S, self.heads, -1))
+            k, v = self.kv_linear(y).view(B, y.shape[1], 2, self.heads, -1).unbind(2)
+            k = self.k_norm(k)
+            return self.proj(op.cross_attention(q, k, v, key_mask).reshape(B, T, S, -1))
+
+    return LocalHeadsSelfAttention, LocalHeadsCrossAttention
+
+
+def _head_rows(n_parts: int, heads: int, hd: int, tp: int, rank: int) -> torch.Tensor:
+    """Row indices of a fused ``[n_parts, heads, hd]`` output that TP rank ``rank`` owns, in local order."""
+    idx = torch.arange(n_parts * heads * hd).view(n_parts, tp, heads // tp, hd)
+    return idx[:, rank].reshape(-1)
+
+
+def _contiguous_rows(n: int, tp: int, rank: int) -> torch.Tensor:
+    return torch.arange(n).view(tp, n // tp)[rank]
+
+
+def apply_tensor_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    """Swap the attention and FFN linears of every block for megatron-core TP layers (in place)."""
+    tp, rank = dims.tp, dims.tp_rank
+    dims.check_model(model.config)
+    group = dims.group("tp")
+    ModelParallelConfig, ColumnLinear, RowLinear = _make_layers()
+    dtype = next(model.parameters()).dtype
+    mp_cfg = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                                 perform_initialization=False, params_dtype=dtype, sequence_parallel=False,
+                                 gradient_accumulation_fusion=False)
+    init = nn.init.zeros_  # never called (perform_initialization=False); weights are copied below
+    heads = model.config.num_heads
+    hd = model.config.head_dim
+
+    def column(lin: nn.Linear, rows: torch.Tensor) -> nn.Module:
+        new = ColumnLinear(lin.in_features, lin.out_features, config=mp_cfg, init_method=init,
+                           bias=lin.bias is not None, gather_output=False, tp_group=group)
+        with torch.no_grad():
+            new.weight.copy_(lin.weight[rows])
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias[rows])
+        _no_extra_state(new)
+        return new.to(lin.weight.device)
+
+    def row(lin: nn.Linear) -> nn.Module:
+        new = RowLinear(lin.in_features, lin.out_features, config=mp_cfg, init_method=init,
+                        bias=lin.bias is not None, input_is_parallel=True, skip_bias_add=False, tp_group=group)
+        cols = _contiguous_rows(lin.in_features, tp, rank)
+        with torch.no_grad():
+            new.weight.copy_(lin.weight[:, cols])
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias)
+        _no_extra_state(new)
+        return new.to(lin.weight.device)
+
+    self_cls, cross_cls = _local_head_attention_classes()
+    for block in model.blocks:
+        attn, xattn, ffn = block.attn, block.cross_attn, block.ffn
+        attn.__class__, xattn.__class__ = self_cls, cross_cls
+        attn.qkv = column(attn.qkv, _head_rows(3, heads, hd, tp, rank))
+        attn.proj = row(attn.proj)
+        xattn.q_linear = column(xattn.q_linear, _head_rows(1, heads, hd, tp, rank))
+        xattn.kv_linear = column(xattn.kv_linear, _head_rows(2, heads, hd, tp, rank))
+        xattn.proj = row(xattn.proj)
+        ffn.w1 = column(ffn.w1, _contiguous_rows(ffn.w1.out_features, tp, rank))
+        ffn.w3 = column(ffn.w3, _contiguous_rows(ffn.w3.out_features, tp, rank))
+        ffn.w2 = row(ffn.w2)
+        for m in (attn, xattn):
+            m.heads = heads // tp
+            for norm in (m.q_norm, m.k_norm):
+                norm.tp_partial_grad_param_names = ("weight",)
+    model.tp_group = group
+    return model
+
+
+def sum_partial_tp_grads(model: nn.Module, group) -> None:
+    """Sum over TP ranks the gradients of replicated parameters that only saw this rank's heads.
+
+    Works on FSDP2-sharded gradients too: TP peers share their data-parallel coordinates, hence their shards."""
+    for m in model.modules():
+        for name in getattr(m, "tp_partial_grad_param_names", ()):
+            p = getattr(m, name)
+            if p.grad is not None:
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                dist.all_reduce(g, group=group)
+
+
+def full_state_dict_from_tp(local_sd: dict[str, torch.Tensor], model_cfg, group) -> dict[str, torch.Tensor]:
+    """Reassemble the published (unsplit) layout from each TP rank's local state dict (collective over
+    ``group``). Row-split tensors are concatenated along dim 0 and un-permuted; row-parallel weights along dim 1."""
+    tp = dist.get_world_size(group)
+    heads, hd = model_cfg.num_heads, model_cfg.head_dim
+    out = {}
+    for k, v in local_sd.items():
+        names = k.split(".")
+        in_block = len(names) == 5 and names[0] == "blocks" and names[2] in ("attn", "cross_attn", "ffn")
+        leaf = names[3] if in_block else ""
+        is_col = leaf in ("qkv", "q_linear", "kv_linear", "w1", "w3")
+        is_row = leaf in ("proj", "w2") and names[-1] == "weight"
+        parts = [torch.empty_like(v) for _ in range(tp)]
+        if not (is_col or is_row):
+            out[k] = v
+            continue
+        dist.all_gather(parts, v.contiguous(), group=group)
+        if is_row:
+            out[k] = torch.cat(parts, dim=1)
+            continue
+        full = torch.cat(parts, dim=0)
+        n_parts = {"qkv": 3, "kv_linear": 2, "q_linear": 1}.get(leaf)
+        if n_parts is None:
+            out[k] = full
+            continue
+        order = torch.cat([_head_rows(n_parts, heads, hd, tp, r) for r in range(tp)])
+        restored = torch.empty_like(full)
+        restored[order] = full
+        out[k] = restored
+    return out

@@ -1,0 +1,158 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 behind the same engine interface as ``TorchEngine``.
+
+``parallel.engine=zero2|zero3`` (``conf/parallel/zero2.yaml``, ``zero3.yaml``): DeepSpeed partitions optimizer
+state and gradients (stage 2) and parameters too (stage 3) over all ranks; plain data parallelism only
+(no cp/tp, checked in ``ParallelDims.from_config``). ``build_ds_config`` turns the layout and the optimizer
+settings into DeepSpeed's config dict (AdamW, gradient clipping, bf16 on GPU / fp32 on CPU). On CPU set
+``DS_ACCELERATOR=cpu`` (DeepSpeed then communicates with gloo when oneCCL is absent).
+
+State dict (what the checkpointer saves with DCP): ``{"model": {name: full fp32 master weight},
+"optim": {"step": int, "state": {name: {"exp_avg", "exp_avg_sq"}}}}``, every tensor full-size and
+identical on all ranks, with the published parameter names — so it loads on any world size and into the
+FSDP engine's full state dict, at the cost of gathering O(model) floats per rank while saving. For very
+large models use ``save_native`` / ``load_native`` (DeepSpeed's own sharded checkpoint; same world size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from lcv_train.errors import ConfigError
+
+
+def _deepspeed():
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ConfigError("parallel.engine: zero2/zero3 need DeepSpeed (pip install --no-build-isolation "
+                          f"deepspeed): {e}") from e
+    return deepspeed
+
+
+def build_ds_config(cfg, optimizer_cfg: dict, *, grad_clip: float, world_size: int, device: torch.device,
+                    micro_batch: int = 1, grad_accum_steps: int = 1) -> dict:
+    """DeepSpeed's config dict for ``cfg.engine`` (zero2/zero3) and AdamW settings
+    ``{lr, betas, eps, weight_decay}``."""
+    stage = {"zero2": 2, "zero3": 3}[cfg.engine]
+    bf16 = cfg.mixed_precision == "bf16" and device.type == "cuda"
+    o = dict(optimizer_cfg)
+    zero = {"stage": stage, "overlap_comm": device.type == "cuda", "contiguous_gradients": True,
+            "reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8)}
+    if stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": int(5e8), "stage3_param_persistence_threshold": int(1e5),
+                     "stage3_gather_16bit_weights_on_model_save": False})
+    if cfg.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch * grad_accum_steps * world_size,
+        "gradient_clipping": float(grad_clip or 0.0),
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": float(o.get("lr", 1e-4)), "betas": [float(b) for b in o.get("betas", (0.9, 0.999))],
+            "eps": float(o.get("eps", 1e-8)), "weight_decay": float(o.get("weight_decay", 0.0)),
+            # torch's AdamW on CPU (DeepSpeed's fused Adam is CUDA-only); DeepSpeed's CPU Adam when offloading
+            "torch_adam": device.type != "cuda" and not cfg.cpu_offload,
+        }},
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "steps_per_print": 2 ** 31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class ZeroEngine:
+    """``DeepSpeedEngine`` behind the ``TorchEngine`` interface.
+
+    ``backward`` may be called ``grad_accum_steps`` times before each ``step`` (the caller scales the loss,
+    as with ``TorchEngine``; DeepSpeed's own 1/gas scaling is off). ``step`` returns the global gradient
+    norm before clipping."""
+
+    def __init__(self, model: torch.nn.Module, optimizer_cfg, dims, cfg, *, grad_clip: float = 1.0,
+                 grad_accum_steps: int = 1):
+        if isinstance(optimizer_cfg, torch.optim.Optimizer):
+            g = optimizer_cfg.param_groups[0]
+            optimizer_cfg = {"lr": g["lr"], "betas": g["betas"], "eps": g["eps"], "weight_decay": g["weight_decay"]}
+        ds = _deepspeed()
+        self.dims, self.device = dims, dims.device
+        self.config = build_ds_config(cfg, optimizer_cfg, grad_clip=grad_clip, world_size=dims.world_size,
+                                      device=dims.device, grad_accum_steps=grad_accum_steps)
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.ds, self.optimizer, _, _ = ds.initialize(model=model, config=self.config,
+                                                      model_parameters=[p for p in model.parameters()
+                                                                        if p.requires_grad],
+                                                      dist_init_required=False)
+        self.model = self.ds
+        self.module = model
+        self.bf16 = self.config["bf16"]["enabled"]
+        self._last_norm = 0.0
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed casts the module itself when bf16 is on
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # DeepSpeed counts micro-steps in step(); no optimizer step happens here
+
+    def step(self) -> float:
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # -- state -----------------------------------------------------------------------------------
+    def _named_params(self):
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict:
+        """Full fp32 weights and Adam moments by parameter name (collective: call on every rank)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        model, state = {}, {}
+        for n, p in self._named_params():
+            model[n] = safe_get_full_fp32_param(p).detach().cpu()
+            st = {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = safe_get_full_optimizer_state(p, key)
+                if t is not None:
+                    st[key] = t.detach().cpu()
+            if st:
+                state[n] = st
+        return {"model": model, "optim": {"step": int(self.ds.global_steps), "state": state}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        missing = [n for n, _ in self._named_params() if n not in sd["model"]]
+        if missing:
+            from lcv_train.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]!r}")
+        states = sd.get("optim", {}).get("state", {})
+        for n, p in self._named_params():
+            safe_set_full_fp32_param(p, sd["model"][n].to(self.device))
+            for key, t in states.get(n, {}).items():
+                safe_set_full_optimizer_state(p, t.to(self.device), key)
+        step = int(sd.get("optim", {}).get("step", 0))
+        self.ds.global_steps = step
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = self.optimizer.state.get(p)
+                if st is not None and "step" in st:
+                    st["step"] = torch.as_tensor(float(step)) if torch.is_tensor(st["step"]) else step
+
+    def full_model_state_dict(self) -> dict:
+        return self.state_dict()["model"]
+
+    def save_native(self, path: str, tag: str | None = None) -> None:
+        self.ds.save_checkpoint(path, tag=tag)
+
+    def load_native(self, path: str, tag: str | None = None) -> None:
+        self.ds.load_checkpoint(path, tag=tag)
