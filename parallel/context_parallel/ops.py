@@ -45,13 +45,14 @@ class _ContextParallelOp(AttentionOp):
         self.dense_backend = dense_backend
 
     # -- token layout ---------------------------------------------------------------------------
-    def _height_unit(self) -> int:
-        """Rows each rank's share must be a multiple of (whole blocks for BSA)."""
-        return self.block_shape[1] if self.name == "bsa" else 1
+    def _height_unit(self, frames: int) -> int:
+        """Rows each rank's share must be a multiple of: whole blocks when block-sparse attention runs on
+        the shards (video, T > 1), else 1."""
+        return self.block_shape[1] if self.name == "bsa" and frames > 1 else 1
 
-    def check_grid(self, height: int) -> None:
-        """Raise a clear error when a full token-grid height cannot be sharded over this cp group."""
-        unit = self._height_unit()
+    def check_grid(self, height: int, frames: int = 2) -> None:
+        """Raise a clear error when a full token grid of ``frames`` x ``height`` rows cannot be sharded."""
+        unit = self._height_unit(frames)
         if height % (self.cp * unit) != 0:
             what = f"cp * block_h = {self.cp} * {unit}" if unit > 1 else f"cp = {self.cp}"
             raise ConfigError(
@@ -61,7 +62,7 @@ class _ContextParallelOp(AttentionOp):
                 f"whose height is a multiple of {self.cp * unit} patches, or a smaller parallel.cp")
 
     def shard_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_grid(x.shape[2])
+        self.check_grid(x.shape[2], x.shape[1])
         return split_tokens(x, 2, self.group)
 
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ class UlyssesAttentionOp(_ContextParallelOp):
         super().__init__(group, inner, **kwargs)
         self._inner = self.inner_op()
 
-    def _height_unit(self) -> int:
+    def _height_unit(self, frames: int) -> int:
         return 1  # block-sparse attention runs on the full grid after the all-to-all
 
     def _to_full(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:

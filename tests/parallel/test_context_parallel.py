@@ -19,7 +19,8 @@ except ImportError:  # tests/parallel became a package
     from tests.parallel._dist import close_pools, get_pool
 from lcv_train.errors import ConfigError
 from lcv_train.model.attention import AttentionOp, BlockSparseAttentionOp
-from parallel.context_parallel import (RingAttentionOp, UlyssesAttentionOp, gather_tokens, split_tokens)
+from parallel.context_parallel import (RingAttentionOp, UlyssesAttentionOp, gather_tokens, make_context_parallel_op,
+                                       resolve_cp_group, split_tokens)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 B, HEADS, D = 2, 4, 8
@@ -143,12 +144,25 @@ def _check_split_gather_and_errors(rank, world):
     with pytest.raises(ConfigError, match=rf"H={h}.*cp \* block_h = {world} \* 4"):
         RingAttentionOp(group, "bsa").shard_tokens(torch.zeros(1, 2, h, 3, 8))
     UlyssesAttentionOp(group, "bsa").shard_tokens(torch.zeros(1, 2, h, 3, 8))  # Ulysses needs no whole blocks
+    RingAttentionOp(group, "bsa").shard_tokens(torch.zeros(1, 1, h, 3, 8))  # images (T = 1) attend densely
     q = torch.zeros(1, 2 * 2 * 3, world + 1, 8)
     with pytest.raises(ConfigError, match=rf"heads \({world + 1}\).*cp={world}"):
         UlyssesAttentionOp(group, "dense").self_attention(q, q, q, (2, 2, 3), (2, 2, 3))
     with pytest.raises(ConfigError, match="cp_mode"):
-        from parallel.context_parallel import make_context_parallel_op
         make_context_parallel_op(AttentionOp(), group, "zigzag")
+    with pytest.raises(ValueError, match="already context-parallel"):
+        make_context_parallel_op(RingAttentionOp(group), group, "ring")
+
+    # device meshes: 1-D, or the cp dimension of a larger mesh
+    from torch.distributed.device_mesh import init_device_mesh
+
+    assert dist.get_world_size(resolve_cp_group(init_device_mesh("cpu", (world,)))) == world
+    if world == 4:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "cp"))
+        cp_group = resolve_cp_group(mesh)
+        assert dist.get_process_group_ranks(cp_group) == [2 * (rank // 2), 2 * (rank // 2) + 1]
+        op = make_context_parallel_op(BlockSparseAttentionOp(0.5, (2, 2, 2), None, "torch"), cp_group, "ring")
+        assert (op.cp, op.rank, op.name, op.sparsity, op.block_shape) == (2, rank % 2, "bsa", 0.5, (2, 2, 2))
 
 
 @pytest.mark.parametrize("world", [2, 4])
