@@ -106,17 +106,20 @@ class TorchEngine:
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def build_engine(model: torch.nn.Module, optimizer_cfg, dims, cfg, grad_clip: float = 1.0):
+def build_engine(model: torch.nn.Module, optimizer_cfg, dims, cfg, grad_clip: float = 1.0, *,
+                 grad_accum_steps: int = 1):
     """The engine for ``cfg.engine``: ``TorchEngine`` (fsdp/single) or ``ZeroEngine`` (zero2/zero3).
 
     ``model`` is what ``parallelize_model`` returned. ``optimizer_cfg`` is either a built
     ``torch.optim.Optimizer`` (torch engine only) or a mapping with AdamW settings
-    ``lr, betas, weight_decay, eps`` (both engines; DeepSpeed builds its own optimizer from it)."""
+    ``lr, betas, weight_decay, eps`` (both engines; DeepSpeed builds its own optimizer from it).
+    ``grad_accum_steps``: how many ``backward`` calls precede each ``step`` (DeepSpeed must know; the
+    caller divides the loss by it for every engine)."""
     autocast = torch.bfloat16 if (cfg.mixed_precision == "bf16" and dims.device.type == "cuda") else None
     if cfg.engine in ("zero2", "zero3"):
         from parallel.zero import ZeroEngine
 
-        return ZeroEngine(model, optimizer_cfg, dims, cfg, grad_clip=grad_clip)
+        return ZeroEngine(model, optimizer_cfg, dims, cfg, grad_clip=grad_clip, grad_accum_steps=grad_accum_steps)
     if isinstance(optimizer_cfg, torch.optim.Optimizer):
         optimizer = optimizer_cfg
     else:

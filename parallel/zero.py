@@ -85,10 +85,14 @@ class ZeroEngine:
         self.config = build_ds_config(cfg, optimizer_cfg, grad_clip=grad_clip, world_size=dims.world_size,
                                       device=dims.device, grad_accum_steps=grad_accum_steps)
         self.names = {id(p): n for n, p in model.named_parameters()}
-        self.ds, self.optimizer, _, _ = ds.initialize(model=model, config=self.config,
+        self.ds, zero_optimizer, _, _ = ds.initialize(model=model, config=self.config,
                                                       model_parameters=[p for p in model.parameters()
                                                                         if p.requires_grad],
                                                       dist_init_required=False)
+        # The plain torch AdamW inside ZeRO's wrapper: its param_groups are what ZeRO steps with, so lr
+        # schedulers can drive it like any torch optimizer.
+        self.zero_optimizer = zero_optimizer
+        self.optimizer = getattr(zero_optimizer, "optimizer", zero_optimizer)
         self.model = self.ds
         self.module = model
         self.bf16 = self.config["bf16"]["enabled"]
