@@ -74,3 +74,32 @@ def _check_model(rank, world, attention, mode):
 @pytest.mark.parametrize("attention", ["dense", "bsa"])
 def test_tiny_dit_context_parallel_matches_single_process(attention, mode):
     get_pool(2).run(_check_model, attention, mode)
+
+
+def _check_fsdp(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from parallel.context_parallel import apply_context_parallel
+
+    ref = _build("dense")
+    model = copy.deepcopy(ref)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+    apply_context_parallel(model, mesh, "ring")
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    g = torch.Generator().manual_seed(2)
+    latents, target = torch.randn(1, 16, 3, 8, 4, generator=g), torch.randn(1, 16, 3, 8, 4, generator=g)
+    text = torch.randn(1, 5, 32, generator=g)
+    for m in (ref, model):
+        out = m(latents, torch.tensor([500.0]), text, None, num_cond_latents=1)
+        torch.nn.functional.mse_loss(out, target).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, **TOL, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_fsdp2_mean_over_cp_ranks_gives_single_process_gradients():
+    """The gradient convention in practice: FSDP2 sharded over the cp ranks (its default mean reduction)
+    turns the per-rank gradients into exactly the single-process ones."""
+    get_pool(2).run(_check_fsdp)
