@@ -20,6 +20,7 @@ def tiny_overrides(root: Path, data_dir: Path) -> list[str]:
 
 def env() -> dict:
     e = dict(os.environ)
+    e.pop("WANDB_API_KEY", None)
     e.update(LCV_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + e.get("PYTHONPATH", ""))
     return e
 

@@ -20,7 +20,8 @@ def runs(tmp_path_factory):
 def test_train_resume_continues_exactly(runs):
     root, data = runs
     o = tiny_overrides(root, data) + ["trainer.checkpoint_every=3"]
-    lcv_train(o + ["run.name=full", "trainer.max_steps=6", "trainer.sample_at_end=false"], cwd=root)
+    lcv_train(o + ["run.name=full", "trainer.max_steps=6", "trainer.sample_at_end=false", "logger=wandb"], cwd=root)
+    assert list((root / "full" / "wandb").glob("offline-run-*")), "W&B should log offline without an API key"
     lcv_train(o + ["run.name=split", "trainer.max_steps=3", "trainer.sample_at_end=false"], cwd=root)
     p = lcv_train(o + ["run.name=split", "trainer.max_steps=6"], cwd=root)
     assert "resumed from" in p.stdout + p.stderr
