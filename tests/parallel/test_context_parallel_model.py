@@ -2,7 +2,8 @@
 
 Same weights on every rank; the output (gathered on every rank) must equal the single-process output, and
 the cp-group mean of each parameter gradient must equal the single-process gradient (``comm.py``'s
-convention). T2V and VC (two condition frames) forwards share one backward. fp32, rtol 1e-4 / atol 1e-5.
+convention). T2V and VC (two condition frames) forwards share one backward; inference with the condition
+K/V cache is compared too. fp32, rtol 1e-4 / atol 1e-5.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ def _check_model(rank, world, attention, mode):
         g = p.grad.clone()
         dist.all_reduce(g)
         torch.testing.assert_close(g / world, q.grad, **TOL, msg=lambda m: f"{attention}/{mode} grad {name}: {m}")
+    # inference with the condition K/V cache (sharded like the tokens)
+    g = torch.Generator().manual_seed(3)
+    cond, noisy = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 16, 3, 8, 8, generator=g)
+    text = torch.randn(1, 6, 32, generator=g)
+    with torch.no_grad():
+        outs = [m(noisy, torch.tensor([300.0]), text, None, cond_cache=m.encode_condition(cond))
+                for m in (ref, cp_model)]
+    torch.testing.assert_close(outs[1], outs[0], **TOL)
 
 
 @pytest.mark.parametrize("mode", ["ring", "ulysses"])
