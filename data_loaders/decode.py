@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any
+from typing import Any, Callable, Optional
 
 import av
 import numpy as np
@@ -54,10 +54,22 @@ def available_frames(duration: float, fps: float) -> int:
     return max(0, int(math.ceil(duration * fps - 1e-6)))
 
 
-def decode_video(data: bytes, frames: int, height: int, width: int, fps: float, start: float = 0.0) -> np.ndarray:
-    """``frames`` frames at ``fps`` from ``start`` seconds, resized + center-cropped: uint8 [F,H,W,3]."""
+def decode_video(data: bytes, frames: int, height: int, width: int, fps: float, start: float = 0.0,
+                 sink: Optional[Callable[[int, np.ndarray], None]] = None) -> Optional[np.ndarray]:
+    """``frames`` frames at ``fps`` from ``start`` seconds, resized + center-cropped: uint8 [F,H,W,3].
+
+    With ``sink``, each frame is handed over as ``sink(index, uint8 [H,W,3])`` as soon as it is ready
+    (no full-clip array is built) and None is returned.
+    """
     times = start + np.arange(frames) / fps
     out: list[np.ndarray | None] = [None] * frames
+
+    def put(j: int, arr: np.ndarray) -> None:
+        if sink is not None:
+            sink(j, arr)
+        else:
+            out[j] = arr
+
     try:
         with av.open(io.BytesIO(data)) as c:
             s = c.streams.video[0]
@@ -87,7 +99,7 @@ def decode_video(data: bytes, frames: int, height: int, width: int, fps: float, 
                         prev = fr
                     if prev_arr is None:
                         prev_arr = convert(prev)
-                    out[j] = prev_arr
+                    put(j, prev_arr)
                     j += 1
                 if prev is not fr:
                     prev, prev_arr = fr, None
@@ -99,7 +111,7 @@ def decode_video(data: bytes, frames: int, height: int, width: int, fps: float, 
                 span = 1.0 / rate if rate else 1.0 / fps
                 arr = prev_arr if prev_arr is not None else convert(prev)
                 while j < frames and times[j] < last_t + span - 1e-6:
-                    out[j] = arr
+                    put(j, arr)
                     j += 1
     except DecodeError:
         raise
@@ -107,7 +119,7 @@ def decode_video(data: bytes, frames: int, height: int, width: int, fps: float, 
         raise DecodeError(f"{type(e).__name__}: {e}") from e
     if j < frames:
         raise DecodeError(f"only {j} of {frames} frames at {fps} fps from t={start:.3f}s")
-    return np.stack(out)  # type: ignore[arg-type]
+    return None if sink is not None else np.stack(out)  # type: ignore[arg-type]
 
 
 def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
@@ -119,7 +131,7 @@ def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
             im = im.convert("RGB")
             rw, rh = _cover_size(im.width, im.height, width, height)
             im = im.resize((rw, rh), Image.Resampling.BICUBIC if rw >= im.width else Image.Resampling.BOX)
-            a = np.asarray(im)
+            a = np.array(im)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DecodeError(f"{type(e).__name__}: {e}") from e
     return _crop(a, height, width)[None]
@@ -135,7 +147,7 @@ def probe_image(data: bytes) -> dict[str, Any]:
         raise DecodeError(f"{type(e).__name__}: {e}") from e
 
 
-def encode_mp4(frames: np.ndarray, fps: float, codec: str | None = None, crf: int = 12) -> bytes:
+def encode_mp4(frames: np.ndarray, fps: float, codec: str | None = None, crf: int = 12, preset: str = "ultrafast") -> bytes:
     """uint8 [F,H,W,3] -> mp4 bytes (libx264 when the bundled FFmpeg has it, else mpeg4)."""
     f, h, w, _ = frames.shape
     if codec is None:
@@ -147,7 +159,7 @@ def encode_mp4(frames: np.ndarray, fps: float, codec: str | None = None, crf: in
         s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         if codec == "libx264":
-            s.options = {"preset": "ultrafast", "crf": str(crf)}
+            s.options = {"preset": preset, "crf": str(crf)}
         else:
             s.bit_rate = max(200_000, w * h * 8)
         for a in frames:

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from data_loaders.buckets import assign_bucket, sample_task
 from data_loaders.config import DataConfig, DataError, FilterConfig, bucket_batch_size, latent_frames
@@ -102,6 +103,25 @@ class ReaderState:
     planned: int = 0
     counters: dict[str, int] = field(default_factory=dict)
     epochs: dict[str, int] = field(default_factory=dict)
+
+
+def _empty_float(shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 tensor; in a DataLoader worker it lives in shared memory (passing it on copies nothing)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    n = int(np.prod(shape))
+    try:
+        storage = torch.UntypedStorage._new_shared(n * 4)  # what torch's default_collate does too
+        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+    except (AttributeError, RuntimeError):  # pragma: no cover - older/other torch builds
+        return torch.empty(shape, dtype=torch.float32)
+
+
+def _stack_float(arrays: list[np.ndarray]) -> torch.Tensor:
+    out = _empty_float((len(arrays),) + tuple(arrays[0].shape))
+    for i, a in enumerate(arrays):
+        out[i] = torch.from_numpy(a)
+    return out
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -340,46 +360,63 @@ class Reader:
     def _materialise(self, pb: PlannedBatch) -> Optional[dict[str, Any]]:
         f, h, w = self.plan.buckets[pb.bucket]
         kept: list[Sample] = []
-        arrays: list[Any] = []
-        texts: list[np.ndarray] = []
-        for smp in pb.samples:
-            try:
-                if pb.kind == "latent":
+        if pb.kind == "latent":
+            lats: list[np.ndarray] = []
+            texts: list[np.ndarray] = []
+            for smp in pb.samples:
+                try:
                     lat = np.load(io.BytesIO(smp.raw[smp.ext]), allow_pickle=False)
                     txt = np.load(io.BytesIO(smp.raw["text.npy"]), allow_pickle=False)
-                    if arrays and lat.shape != arrays[0].shape:
-                        raise DecodeError(f"latent shape {lat.shape} != {arrays[0].shape} in the same bucket")
+                    if lats and lat.shape != lats[0].shape:
+                        raise DecodeError(f"latent shape {lat.shape} != {lats[0].shape} in the same bucket")
                     if txt.ndim != 2:
                         raise DecodeError(f"text embedding has shape {txt.shape}, expected [L, D]")
-                    arrays.append(lat)
-                    texts.append(txt)
-                elif smp.kind == "image":
-                    arrays.append(decode_image(smp.raw[smp.ext], h, w))
-                else:
-                    arrays.append(decode_video(smp.raw[smp.ext], f, h, w, self.cfg.fps, self._start_time(smp, f)))
-            except (DecodeError, ValueError, OSError, EOFError) as e:
-                self._bad("undecodable", smp.url, smp.key, str(e))
-                continue
-            kept.append(smp)
-            self._count("good")
-        if not kept:
-            return None
-        batch: dict[str, Any] = {}
-        if pb.kind == "latent":
-            batch["latents"] = torch.from_numpy(np.stack(arrays).astype(np.float32))
+                except (DecodeError, ValueError, OSError, EOFError) as e:
+                    self._bad("undecodable", smp.url, smp.key, str(e))
+                    continue
+                lats.append(lat)
+                texts.append(txt)
+                kept.append(smp)
+                self._count("good")
+            if not kept:
+                return None
+            batch: dict[str, Any] = {"latents": _stack_float(lats)}
             L = max(t.shape[0] for t in texts)
-            D = texts[0].shape[1]
             L = max([L] + [int(smp.meta.get("text_length", 0)) for smp in kept])  # the encoder's padded length
-            text = np.zeros((len(texts), L, D), np.float32)
-            mask = np.zeros((len(texts), L), bool)
+            text = _empty_float((len(texts), L, texts[0].shape[1]))
+            text.zero_()
+            mask = torch.zeros((len(texts), L), dtype=torch.bool)
             for i, t in enumerate(texts):
-                text[i, : t.shape[0]] = t
+                text[i, : t.shape[0]] = torch.from_numpy(t)
                 mask[i, : t.shape[0]] = True
-            batch["text"] = torch.from_numpy(text)
-            batch["text_mask"] = torch.from_numpy(mask)
+            batch["text"] = text
+            batch["text_mask"] = mask
         else:
-            v = torch.from_numpy(np.stack(arrays))  # [B, F, H, W, 3] uint8
-            batch["video"] = v.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0).contiguous()
+            # Frames go straight from the decoder into the batch tensor (allocated in shared memory when
+            # in a worker, so handing it to the trainer copies nothing), normalised to [-1, 1] per frame.
+            video = _empty_float((len(pb.samples), 3, f, h, w))
+
+            for smp in pb.samples:
+                slot = video[len(kept)]
+
+                def sink(j: int, arr: np.ndarray, slot=slot) -> None:
+                    dst = slot[:, j]
+                    dst.copy_(torch.from_numpy(arr).permute(2, 0, 1))
+                    dst.mul_(1.0 / 127.5).sub_(1.0)
+
+                try:
+                    if smp.kind == "image":
+                        sink(0, decode_image(smp.raw[smp.ext], h, w)[0])
+                    else:
+                        decode_video(smp.raw[smp.ext], f, h, w, self.cfg.fps, self._start_time(smp, f), sink=sink)
+                except (DecodeError, ValueError, OSError, EOFError) as e:
+                    self._bad("undecodable", smp.url, smp.key, str(e))
+                    continue
+                kept.append(smp)
+                self._count("good")
+            if not kept:
+                return None
+            batch = {"video": video[: len(kept)] if len(kept) < len(pb.samples) else video}
             batch["caption"] = [smp.caption for smp in kept]
         batch["num_cond_latents"] = int(pb.num_cond_latents)
         batch["task"] = pb.task
