@@ -24,7 +24,10 @@ CHUNK_ELEMS = 1 << 22
 
 
 def _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H):
-    """Flat gather indices [B*H*c*K] and key/query validity for query blocks c0:c1."""
+    """Flat gather indices [B*H*c*K] and the masked-out key/query slots for query blocks c0:c1.
+
+    The masks are None when nothing in the chunk needs masking (the common case: no padding, all slots used).
+    """
     B = kv_index.shape[0]
     K = kv_index.shape[-1]
     idx = kv_index[:, :, c0:c1].long()
@@ -33,15 +36,20 @@ def _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H):
     bh = torch.arange(B * H, device=idx.device).view(B, H, 1, 1)
     flat = (bh * nk + idx).reshape(-1)
     kval = k_valid[idx] & used[..., None]  # [B, H, c, K, bs]
-    kval = kval.reshape(B, H, c1 - c0, 1, -1)
-    qval = q_valid[c0:c1][None, None, :, :, None]  # [1, 1, c, bs, 1]
-    return flat, kval, qval
+    k_off = None if bool(kval.all()) else ~kval.reshape(B, H, c1 - c0, 1, -1)
+    qval = q_valid[c0:c1]
+    q_off = None if bool(qval.all()) else ~qval[None, None, :, :, None]  # [1, 1, c, bs, 1]
+    return flat, k_off, q_off
 
 
-def _scores(q, kg, kval, qval, scale):
-    s = torch.matmul(q, kg.transpose(-1, -2)) * scale
-    s = s.masked_fill(~kval, float("-inf"))
-    return s.masked_fill(~qval, float("-inf"))
+def _scores(qs, kg, k_off, q_off):
+    """fp32 scores of the scaled fp32 queries ``qs`` against gathered keys, masked slots = -inf."""
+    s = torch.matmul(qs, kg.transpose(-1, -2))
+    if k_off is not None:
+        s.masked_fill_(k_off, float("-inf"))
+    if q_off is not None:
+        s.masked_fill_(q_off, float("-inf"))
+    return s
 
 
 def _heads_first(xb: torch.Tensor) -> torch.Tensor:
@@ -56,23 +64,24 @@ class BlockAttentionTorch(torch.autograd.Function):
         B, nq, bs, H, D = qb.shape
         nk = kb.shape[1]
         K = kv_index.shape[-1]
-        qh = qb.permute(0, 3, 1, 2, 4)  # [B, H, nq, bs, D] view
+        qh = qb.permute(0, 3, 1, 2, 4).contiguous()  # [B, H, nq, bs, D]; contiguous keeps bmm on the fast path
         kh, vh = _heads_first(kb), _heads_first(vb)
         out = torch.zeros(B, H, nq, bs, D, dtype=qb.dtype, device=qb.device)
         lse = torch.full((B, H, nq, bs), float("-inf"), dtype=torch.float32, device=qb.device)
         for c0 in range(0, nq, chunk):
             c1 = min(nq, c0 + chunk)
             c = c1 - c0
-            flat, kval, qval = _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H)
+            flat, k_off, q_off = _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H)
             kg = kh.index_select(0, flat).view(B, H, c, K * bs, D).float()
             vg = vh.index_select(0, flat).view(B, H, c, K * bs, D).float()
-            s = _scores(qh[:, :, c0:c1].float(), kg, kval, qval, scale)
-            m = s.amax(dim=-1, keepdim=True)
+            # The scale is applied to the fp32 copy of q (never to low-precision K).
+            p = _scores(qh[:, :, c0:c1].float() * scale, kg, k_off, q_off)
+            m = p.amax(dim=-1, keepdim=True)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            p = torch.exp(s - m)
+            p.sub_(m).exp_()
             l = p.sum(dim=-1, keepdim=True)
             nonempty = l > 0
-            o = torch.matmul(p, vg) / torch.where(nonempty, l, torch.ones_like(l))
+            o = torch.matmul(p, vg).div_(torch.where(nonempty, l, torch.ones_like(l)))
             out[:, :, c0:c1] = o.to(qb.dtype)
             lse[:, :, c0:c1] = torch.where(nonempty, m + torch.log(l), torch.full_like(l, float("-inf"))).squeeze(-1)
         ctx.save_for_backward(qb, kb, vb, q_valid, k_valid, kv_index, kv_count, out, lse)
@@ -86,34 +95,33 @@ class BlockAttentionTorch(torch.autograd.Function):
         B, nq, bs, H, D = qb.shape
         nk = kb.shape[1]
         K = kv_index.shape[-1]
-        qh = qb.permute(0, 3, 1, 2, 4)
+        qh = qb.permute(0, 3, 1, 2, 4).contiguous()
         kh, vh = _heads_first(kb), _heads_first(vb)
-        doh = dout.permute(0, 3, 1, 2, 4)  # [B, H, nq, bs, D]
+        doh = dout.permute(0, 3, 1, 2, 4).contiguous()  # [B, H, nq, bs, D]
         dq = torch.zeros(B, H, nq, bs, D, dtype=torch.float32, device=qb.device)
         dk = torch.zeros(B * H * nk, bs, D, dtype=torch.float32, device=qb.device)
         dv = torch.zeros_like(dk)
         for c0 in range(0, nq, chunk):
             c1 = min(nq, c0 + chunk)
             c = c1 - c0
-            flat, kval, qval = _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H)
+            flat, k_off, q_off = _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H)
             kg = kh.index_select(0, flat).view(B, H, c, K * bs, D).float()
             vg = vh.index_select(0, flat).view(B, H, c, K * bs, D).float()
-            q = qh[:, :, c0:c1].float()
-            s = _scores(q, kg, kval, qval, scale)
+            qs = qh[:, :, c0:c1].float() * scale
+            p = _scores(qs, kg, k_off, q_off)
             lse_c = lse[:, :, c0:c1, :, None]
-            # Empty rows have lse = -inf: use +inf there so that p = exp(-inf) = 0 instead of NaN.
-            lse_c = torch.where(torch.isfinite(lse_c), lse_c, torch.full_like(lse_c, float("inf")))
-            p = torch.exp(s - lse_c)
+            empty = ~torch.isfinite(lse_c)
+            # Empty rows have lse = -inf: use +inf there so that p = exp(s - lse) = 0 instead of NaN.
+            p.sub_(torch.where(empty, torch.full_like(lse_c, float("inf")), lse_c)).exp_()
             do = doh[:, :, c0:c1].float()
             delta = (do * out[:, :, c0:c1].float()).sum(dim=-1, keepdim=True)
             if dlse is not None:
                 # lse = -inf (empty row) is constant: ignore its incoming gradient (may be NaN from a merge).
                 dl = dlse[:, :, c0:c1, :, None].float()
-                delta = delta - torch.where(torch.isfinite(lse_c), dl, torch.zeros_like(dl))
-            dp = torch.matmul(do, vg.transpose(-1, -2))
-            ds = p * (dp - delta)
-            dq[:, :, c0:c1] = torch.matmul(ds, kg) * scale
-            dk.index_add_(0, flat, (torch.matmul(ds.transpose(-1, -2), q) * scale).reshape(-1, bs, D))
+                delta = delta - torch.where(empty, torch.zeros_like(dl), dl)
+            ds = torch.matmul(do, vg.transpose(-1, -2)).sub_(delta).mul_(p)  # p * (dp - delta)
+            dq[:, :, c0:c1] = torch.matmul(ds, kg).mul_(scale)
+            dk.index_add_(0, flat, torch.matmul(ds.transpose(-1, -2), qs).reshape(-1, bs, D))
             dv.index_add_(0, flat, torch.matmul(p.transpose(-1, -2), do).reshape(-1, bs, D))
         dq = dq.permute(0, 2, 3, 1, 4).to(qb.dtype)
         dk = dk.view(B, H, nk, bs, D).permute(0, 2, 3, 1, 4).to(kb.dtype)
