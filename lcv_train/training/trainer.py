@@ -109,7 +109,9 @@ class Trainer:
             raise ConfigError(f"vae: produces {self.codec.latent_channels} latent channels but "
                               f"model.in_channels={cfg.model.in_channels}")
         self.loader = self._build_loader()
-        self.noise_gen = torch.Generator(self.device).manual_seed(cfg.run.seed * 100003 + self.rank)
+        # Noise differs across data-parallel replicas but not across the cp/tp ranks of one replica,
+        # which must see the same sample.
+        self.noise_gen = torch.Generator(self.device).manual_seed(cfg.run.seed * 100003 + self.dims.dp_rank)
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.trainer.keep_last)
         self.checkpointer.clean_stale()
@@ -190,7 +192,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         wait = 0.0
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, seq_len = 0.0, 0, 0
         self.model.train()
         for _ in range(cfg.trainer.grad_accum):
             tw = time.perf_counter()
@@ -202,7 +204,8 @@ class Trainer:
             self.engine.backward(loss / cfg.trainer.grad_accum)
             loss_sum += float(loss.detach())
             B, _, T, H, W = sb.latents.shape
-            tokens += B * T * H * W // math.prod(cfg.model.patch_size)
+            seq_len = T * H * W // math.prod(cfg.model.patch_size)
+            tokens += B * seq_len
         grad_norm = self.engine.step()
         self.lr_scheduler.step()
         self.progress.step += 1
@@ -211,7 +214,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         return {"train/loss": loss_sum / cfg.trainer.grad_accum, "train/grad_norm": grad_norm,
                 "train/lr": self.lr_scheduler.get_last_lr()[0], "perf/step_time_s": dt,
-                "perf/data_wait_s": wait, "perf/tokens": tokens}
+                "perf/data_wait_s": wait, "perf/tokens": tokens, "perf/seq_len": seq_len}
 
     # -- the loop ------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -233,6 +236,12 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
+    def _core_model(self) -> LongCatDiT:
+        m = self.model
+        while not isinstance(m, LongCatDiT) and hasattr(m, "module"):
+            m = m.module
+        return m
+
     def _perf_metrics(self, m: dict) -> dict:
         world = self.dims.world_size
         tokens = m["perf/tokens"] * self.dims.dp_size  # the global batch
@@ -246,9 +255,9 @@ class Trainer:
         except ImportError:
             peak = None
         if peak:
-            core = self.model
-            seq = m["perf/tokens"]  # an upper bound for the attention term; exact per-bucket counts vary
-            flops = 3 * core.flops_per_token(seq_len=min(seq, 10**6), text_len=0) * tokens
+            # Forward + backward = 3x forward matmul FLOPs (no recompute counted: model FLOPs, not hardware).
+            text_len = int(self.cfg.text_encoder.get("max_length", 0) or 0)
+            flops = 3 * self._core_model().flops_per_token(m["perf/seq_len"], text_len) * tokens
             out["perf/mfu"] = flops / m["perf/step_time_s"] / (peak * world)
         return out
 
