@@ -512,3 +512,16 @@ def test_reverse_map_lists_query_blocks_per_key_block():
                 got = q_ids[off[slot]: off[slot] + counts[slot]].tolist()
                 expect = [i for i in range(nq) if j in idx[b, h, i, : cnt[b, h, i]].tolist()]
                 assert got == expect
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_triton_head_dims(triton_device, D):
+    run_and_compare("triton", triton_device, torch.float32, (2, 4, 6), (3, 4, 6), (2, 2, 4), 0.5, 8.0, D=D, H=1)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="bf16 Triton kernels need a GPU (the interpreter has no bf16)")
+@pytest.mark.parametrize("D", [64, 128])
+def test_triton_bf16_on_gpu(triton_device, D):
+    # LongCat-like block (4x4x4), ragged latent, condition frames, realistic activation scale.
+    run_and_compare("triton", triton_device, torch.bfloat16, (5, 10, 14), (7, 10, 14), (4, 4, 4), 0.9375, 16.0,
+                    D=D, H=4, B=2, tol=3e-2, out_tol=3e-2, lse_tol=3e-2)
