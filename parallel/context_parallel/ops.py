@@ -27,13 +27,19 @@ _INNER = ("dense", "bsa")
 
 
 class _ContextParallelOp(AttentionOp):
+    """Shared by both modes. ``group``: the cp process group (None = WORLD; one rank = plain attention).
+    ``inner``: "dense" or "bsa"; the BSA settings (``sparsity``, ``block_shape``, ``cdf_threshold``,
+    ``backend`` of ``kernels.bsa``) mean what they mean for ``BlockSparseAttentionOp``; ``dense_backend``
+    is the ``kernels.attention`` backend of the dense ring steps. ``name`` is the inner kind, as for the
+    single-process operators; ``cp_mode`` is "ring" or "ulysses"."""
+
     cp_mode = ""
 
     def __init__(self, group: ProcessGroup | None, inner: str = "dense", *, sparsity: float = 0.9375,
                  block_shape: Grid = (4, 4, 4), cdf_threshold: float | None = None, backend: str = "auto",
                  dense_backend: str = "auto"):
         if inner not in _INNER:
-            raise ConfigError(f"parallel.cp inner attention must be one of {_INNER}, got {inner!r}")
+            raise ConfigError(f"model.attention must be one of {_INNER} under context parallelism, got {inner!r}")
         self.group = group
         self.cp = group_size(group)
         self.rank = group_rank(group)
