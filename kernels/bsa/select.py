@@ -72,3 +72,28 @@ def select_blocks(q_pooled: torch.Tensor, k_pooled: torch.Tensor, sparsity: floa
     ids = torch.sort(ids, dim=-1).values
     ids = torch.where(ids == nk, torch.full_like(ids, -1), ids)
     return ids.to(torch.int32).contiguous(), count.to(torch.int32)
+
+
+@torch.no_grad()
+def local_selection(kv_index: torch.Tensor, kv_count: torch.Tensor, block_start: int, block_stop: int):
+    """Restrict a global selection to the key blocks ``[block_start, block_stop)`` that one rank holds.
+
+    For context parallelism: select globally (on all-gathered pooled keys), then each rank calls
+    :func:`kernels.bsa.block_attention` on its own key blocks with the result of this function, and the
+    partial ``(out, lse)`` of the ranks are merged by log-sum-exp.
+
+    Returns ``(local_index [B, H, nq, K'] int32, local_count [B, H, nq] int32)``: ids relative to
+    ``block_start``, ascending, ``-1`` padding; ``local_count`` may be 0. ``K' >= 1``.
+    """
+    K = kv_index.shape[-1]
+    slot_used = torch.arange(K, device=kv_index.device) < kv_count[..., None].long()
+    idx = kv_index.long()
+    mine = slot_used & (idx >= block_start) & (idx < block_stop)
+    big = torch.iinfo(torch.int64).max
+    local = torch.where(mine, idx - block_start, torch.full_like(idx, big))
+    local = torch.sort(local, dim=-1).values
+    count = mine.sum(dim=-1)
+    kmax = max(1, int(count.max().item()) if count.numel() else 1)
+    local = local[..., :kmax]
+    local = torch.where(local == big, torch.full_like(local, -1), local)
+    return local.to(torch.int32).contiguous(), count.to(torch.int32)
