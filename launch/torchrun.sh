@@ -14,6 +14,8 @@
 #   LCV_RDZV_ENDPOINT   c10d store HOST:PORT   MASTER_ADDR:MASTER_PORT; required when nnodes != 1;
 #                                              one node: localhost on a free port (like --standalone)
 #   LCV_RDZV_ID         rendezvous id          SLURM_JOB_ID, else "lcv-train"
+#   LCV_RDZV_IS_HOST    1: this node hosts     torch's guess from the endpoint's host name
+#                       the c10d store         (train.sbatch: SLURM node 0)
 #   LCV_MAX_RESTARTS    group restarts         3 (each restart resumes from the latest checkpoint)
 #   OMP_NUM_THREADS     threads per worker     CPUs available here / workers per node
 #   LCV_RUN_NAME        run.name, all ranks    a run.name=... argument wins; else a timestamp taken
@@ -98,6 +100,14 @@ cmd=("$py" -m torch.distributed.run
      --rdzv-endpoint "$endpoint"
      --rdzv-id "${LCV_RDZV_ID:-${SLURM_JOB_ID:-lcv-train}}"
      --max-restarts "${LCV_MAX_RESTARTS:-3}")
+# Which node hosts the c10d store. torch guesses by comparing the endpoint with this machine's names
+# and addresses, which fails where the scheduler's node names are aliases; train.sbatch sets
+# LCV_RDZV_FROM_SLURM=1 (endpoint = first node of the job), so there it is SLURM node 0.
+is_host=${LCV_RDZV_IS_HOST:-}
+if [[ -z $is_host && ${LCV_RDZV_FROM_SLURM:-0} == 1 && -n ${SLURM_NODEID:-} ]]; then
+    is_host=$(( SLURM_NODEID == 0 ? 1 : 0 ))
+fi
+[[ -n $is_host ]] && cmd+=(--rdzv-conf "is_host=$is_host")
 # shellcheck disable=SC2206  # word splitting is the point
 [[ -n ${LCV_TORCHRUN_ARGS:-} ]] && cmd+=($LCV_TORCHRUN_ARGS)
 cmd+=(-m lcv_train "${name_arg[@]}" "$@")

@@ -134,6 +134,8 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Start a requeued job as soon as it is eligible again (the default backfill pass is every 30 s).
+SchedulerParameters=bf_interval=1
 ReturnToService=2
 JobRequeue=1
 # Keep finished jobs visible to scontrol (there is no accounting daemon).

@@ -1,0 +1,91 @@
+"""launch/slurm/train.sbatch and the lcv_slurm submitit preset on a real one-node SLURM cluster.
+
+Two training processes on one CPU node (gloo): sbatch -> one srun task -> launch/torchrun.sh -> 2 ranks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ._support import REPO, TINY, TRAIN_SBATCH, launch_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def _submit(cluster, tmp_path: Path, *overrides: str, job_name: str = "lcv") -> int:
+    # The script's defaults ask for 8 GPUs and 64 CPUs per node; this node has no GPUs and few CPUs.
+    return cluster.sbatch("--gpus-per-node=0", f"--cpus-per-task={cluster.cpus}", "--time=5",
+                          f"--job-name={job_name}", str(TRAIN_SBATCH),
+                          f"run.root={tmp_path / 'outputs'}", *TINY, *overrides,
+                          cwd=tmp_path, env=launch_env(LCV_NPROC_PER_NODE="2", LCV_ROOT=str(REPO)))
+
+
+def _latest(run: Path) -> str:
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+def test_sbatch_trains_two_ranks_and_leaves_a_checkpoint(slurm_cluster, tmp_path):
+    job = _submit(slurm_cluster, tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2")
+    info = slurm_cluster.wait(job, timeout=150)
+    out = (tmp_path / f"lcv-{job}.out").read_text()
+    assert info.state == "COMPLETED" and info.exit_code == "0:0", f"{info.state} {info.exit_code}\n{out}"
+    run = tmp_path / "outputs" / f"lcv-{job}"  # run.name = <job name>-<job id>
+    assert _latest(run) == "step_0000004", out
+    assert (run / "checkpoints" / "step_0000004").is_dir()
+    for rank in (0, 1):
+        assert "step 4 loss" in (run / "logs" / f"rank{rank}.log").read_text()
+    assert "--nproc-per-node 2" in out and "rdzv-endpoint localhost:" in out
+
+
+def test_sbatch_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    """The time-limit path: USR1 to the batch shell -> checkpoint now -> requeue -> resume there.
+
+    No periodic checkpoints (checkpoint_every > max_steps), so the only checkpoint before the
+    requeue is the one the signal asked for.
+    """
+    job = _submit(slurm_cluster, tmp_path, "trainer.max_steps=30", "trainer.checkpoint_every=1000")
+    run = tmp_path / "outputs" / f"lcv-{job}"
+    rank0 = run / "logs" / "rank0.log"
+    deadline = time.monotonic() + 120
+    while not (rank0.exists() and "step 2 loss" in rank0.read_text()):
+        assert time.monotonic() < deadline, "training did not start\n" + slurm_cluster.logs()
+        assert slurm_cluster.job(job).state in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.2)
+    # What --signal=B:USR1@180 does shortly before the time limit.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=slurm_cluster.env(), check=True)
+
+    info = slurm_cluster.wait(job, timeout=180)
+    out = (tmp_path / f"lcv-{job}.out").read_text()
+    assert info.state == "COMPLETED" and info.exit_code == "0:0", f"{info.state} {info.exit_code}\n{out}"
+    assert info.restarts == 1, out
+    assert "got USR1" in out and "restart 1" in out, out
+    log = rank0.read_text()
+    assert "received signal 15" in log, log
+    resumed = [line for line in log.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1, log
+    step = int(resumed[0].rsplit("at step", 1)[1])
+    assert 2 <= step < 30, resumed[0]
+    assert f"step_{step:07d}" in resumed[0]
+    assert _latest(run) == "step_0000030"
+
+
+def test_submitit_lcv_slurm_preset_runs_two_tasks(slurm_cluster, tmp_path):
+    """`lcv-train --multirun hydra/launcher=lcv_slurm` submits, runs 2 ranks (one per task), returns."""
+    cmd = [sys.executable, "-m", "lcv_train", "--multirun", "hydra/launcher=lcv_slurm",
+           "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=null",
+           "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5",
+           f"run.root={tmp_path / 'outputs'}", "run.name=sub", "trainer.max_steps=2",
+           "trainer.checkpoint_every=2", *TINY]
+    r = subprocess.run(cmd, cwd=tmp_path, env=slurm_cluster.env(launch_env()), capture_output=True,
+                       text=True, timeout=240)
+    run = tmp_path / "outputs" / "sub"
+    task_logs = "\n".join(p.read_text() for p in sorted((tmp_path / "outputs").rglob("*_log.out")))
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{task_logs[-3000:]}"
+    assert _latest(run) == "step_0000002", task_logs
+    for rank in (0, 1):
+        assert "step 2 loss" in (run / "logs" / f"rank{rank}.log").read_text()
