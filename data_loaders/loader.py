@@ -2,12 +2,13 @@
 
 Order: with W workers (W = max(1, num_workers)), batch n of a rank comes from logical reader n % W
 (torch's DataLoader hands out work to workers in a fixed cycle and returns results in order). Every
-batch carries its reader's position (planned batches, counters, epochs); the loader keeps, per reader,
-the position of the last batch the *trainer consumed* (not the prefetched ones). ``state_dict()`` is
-that, plus the number of consumed batches n. A fresh loader given that state maps DataLoader worker i
-to logical reader (i + n) % W, so the first batch comes from the reader whose turn it was, and each
-reader re-plans (without decoding) up to its saved position. The next batch is exactly batch n + 1 of
-the uninterrupted run.
+batch carries its reader's snapshot (position in each subset's units, references to the samples in
+its shuffle buffer and partial batches, counters); the loader keeps, per reader, the snapshot of the
+last batch the *trainer consumed* (not the prefetched ones). ``state_dict()`` is those, plus the number
+of consumed batches n. A fresh loader given that state maps DataLoader worker i to logical reader
+(i + n) % W, so the first batch comes from the reader whose turn it was, and each reader restores its
+snapshot (re-reading only the referenced samples, decoding nothing). The next batch is exactly batch
+n + 1 of the uninterrupted run.
 
 Changing world_size or num_workers between save and load cannot be exact (the split of units over
 readers changes). Then the loader warns and starts every subset at the start of the lowest epoch any
@@ -16,10 +17,12 @@ reader of this rank had reached: no sample is lost, some of that epoch are seen 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -67,13 +70,17 @@ def make_plan(cfg: DataConfig, rank: int, world_size: int, seed: int) -> Plan:
     validate(cfg)
     workers = max(1, cfg.num_workers)
     subsets = []
+    offsets: dict[str, np.ndarray] = {}
     for name, sc in subsets_of(cfg).items():
         key = "data.shards" if not cfg.subsets else f"data.subsets.{name}.shards"
         shards = resolve_shards(list(sc.shards), key)
+        for sh in shards:
+            if sh.offsets is not None and sh.count is not None and len(sh.offsets) == sh.count:
+                offsets[sh.url] = np.asarray(sh.offsets, dtype=np.int64)
         units = make_units(shards, world_size * workers, cfg.units_per_reader, key)
         subsets.append(SubsetPlan(name, float(sc.ratio), sc.filters, units))
     buckets = [tuple(int(v) for v in b) for b in cfg.buckets]
-    return Plan(cfg, subsets, buckets, int(seed), int(rank), int(world_size), workers)  # type: ignore[arg-type]
+    return Plan(cfg, subsets, buckets, int(seed), int(rank), int(world_size), workers, offsets=offsets)  # type: ignore[arg-type]
 
 
 class VideoLoader:
@@ -104,8 +111,8 @@ class VideoLoader:
         # Carry on from the last consumed batch of every reader (fresh start: nothing to skip).
         base = {"start_epochs": dict(self._start_epochs or {})}
         resume = {w: dict(base) for w in range(self.workers)}
-        for w, i in self._readers.items():
-            resume[w].update(planned=i["planned"], counters=i["counters"])
+        for w, snap in self._readers.items():
+            resume[w]["snapshot"] = snap
         if self.cfg.num_workers == 0:
             return iter(_SerialReaders(self.plan, resume))
         ds = _ReaderDataset(self.plan, shift, resume)
@@ -128,6 +135,9 @@ class VideoLoader:
         if self._it is None:
             self._it = self._start()
         batch, info = next(self._it)
+        while batch is None:  # the end of a finite reader: its final counts, no batch
+            self._readers[int(info["worker"])] = info
+            batch, info = next(self._it)
         dt = time.perf_counter() - t0
         self._wait_s += dt
         self._last_wait_s = dt
@@ -154,14 +164,7 @@ class VideoLoader:
             "samples": self._samples,
             "wait_s": self._wait_s,
             "start_epochs": dict(self._start_epochs or {}),
-            "readers": {
-                str(w): {
-                    "planned": int(i["planned"]),
-                    "counters": {k: int(v) for k, v in i["counters"].items()},
-                    "epochs": {k: int(v) for k, v in i["epochs"].items()},
-                }
-                for w, i in sorted(self._readers.items())
-            },
+            "readers": {str(w): copy.deepcopy(snap) for w, snap in sorted(self._readers.items())},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -176,7 +179,7 @@ class VideoLoader:
             self._consumed = int(sd["consumed"])
             self._samples = int(sd.get("samples", 0))
             self._wait_s = float(sd.get("wait_s", 0.0))
-            self._readers = {w: {"worker": w, **v} for w, v in readers.items()}
+            self._readers = readers
             self._start_epochs = dict(sd.get("start_epochs", {}))
         else:
             epochs: dict[str, int] = {}

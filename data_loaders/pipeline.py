@@ -3,19 +3,25 @@
 A *reader* is one dataloader worker of one rank (``consumer = rank * W + worker``; ``C = world * W``
 readers in all). For subset s and epoch e every reader computes the same permutation of the subset's
 units (seeded by ``(seed, s, e)``) and takes ``units[consumer::C]``: every sample is read by exactly one
-reader per epoch. Everything a reader does is a pure function of (config, seed, rank, worker) and the
-bytes it reads, so its stream can be re-played.
+reader per epoch. Every random choice is seeded by (seed, reader, a counter), so a reader's stream is
+a pure function of the config, its identity and the bytes it reads.
 
 Work is split in two phases. *Planning* reads raw samples, parses the ``.json``, applies filters,
-assigns buckets, shuffles (buffer), mixes subsets and groups samples into planned batches and tasks;
-it never decodes media. *Materialising* decodes the planned batch. On resume a reader re-plans its
-first ``planned`` batches without materialising them (cheap skip) and then carries on. A sample that
-fails to decode is dropped from its batch (the batch is one smaller; a batch with nothing left is not
-emitted but still counts as planned), so batch boundaries never depend on decoding.
+assigns buckets, shuffles (buffer), mixes subsets and groups samples into planned batches with a
+task; it never decodes media. *Materialising* decodes a planned batch. A sample that fails to decode
+is dropped from its batch (the batch is one smaller; an empty batch is not emitted), so batch
+boundaries never depend on decoding.
+
+Position: after each batch the reader reports a small snapshot (per subset: epoch, unit, samples read
+in the unit, and *references* ``[subset, epoch, unit, index]`` to the samples waiting in its shuffle
+buffer; the references of samples in partial batches; counters). Restoring re-opens each subset at
+its unit and offset and re-reads only the referenced samples (a seek each, with an index), decoding
+nothing: resume costs O(shuffle buffer + pending) sample reads, not the epoch so far.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -68,6 +74,7 @@ class Plan:
     rank: int
     world_size: int
     workers: int  # readers per rank (max(1, num_workers))
+    offsets: dict[str, Any] = field(default_factory=dict)  # shard url -> per-sample byte offsets (np.int64)
     with_meta: bool = False  # add each sample's parsed .json as batch["meta"] (lcv-data encode)
 
     @property
@@ -87,6 +94,7 @@ class Sample:
     meta: dict[str, Any]
     bucket: int
     caption: str = ""
+    ref: tuple[int, int, int, int] = (0, 0, 0, 0)  # (subset, epoch, unit position in the epoch, index in unit)
 
 
 @dataclass
@@ -143,12 +151,126 @@ def _number(meta: dict, key: str) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
-class Reader:
-    """The stream of one reader. ``batches()`` yields ``(batch_dict, info)``.
+def _read_one(unit: Unit) -> Optional[dict[str, Any]]:
+    it = iter_unit(dataclasses.replace(unit, count=1))
+    try:
+        return next(it, None)
+    finally:
+        it.close()
 
-    ``resume``: ``{"planned": n, "counters": {...}}`` to skip the first n planned batches without
-    decoding and then restore the counters; or ``{"start_epochs": {subset: e}}`` to start fresh at
-    those epochs (used when the world size or worker count changed).
+
+class _Exhausted(Exception):
+    """A finite (``data.epochs``) subset stream has no more samples."""
+
+
+class _Stream:
+    """Subset s as one reader sees it: its units epoch by epoch and a shuffle buffer, with an explicit
+    position (so it can be snapshotted and restored without replaying)."""
+
+    def __init__(self, reader: "Reader", s: int, epoch: int = 0):
+        self.r = reader
+        self.s = s
+        self.name = reader.plan.subsets[s].name
+        self.size = reader.cfg.shuffle_buffer if reader.cfg.shuffle else 0
+        self.epoch = epoch
+        self.unit_pos = 0  # index into this reader's units of the epoch
+        self.in_unit = 0  # raw samples taken from that unit
+        self.n = 0  # usable samples this epoch
+        self.empty = 0  # epochs in a row without a usable sample
+        self.buf: list[Sample] = []
+        self.flush: Optional[list[Sample]] = None  # end of epoch: the buffer, shuffled, being handed out
+        self._units: Optional[list[Unit]] = None
+        self._it: Optional[Iterator[dict[str, Any]]] = None
+        if reader.cfg.epochs is not None and epoch >= reader.cfg.epochs:
+            raise _Exhausted
+
+    def units(self) -> list[Unit]:
+        if self._units is None:
+            self._units = self.r._epoch_units(self.s, self.epoch)
+        return self._units
+
+    def _next_raw(self) -> Optional[tuple[dict[str, Any], tuple[int, int, int, int]]]:
+        units = self.units()
+        while self.unit_pos < len(units):
+            if self._it is None:
+                self._it = iter_unit(self.r.sub_unit(units[self.unit_pos], self.in_unit))
+            try:
+                raw = next(self._it)
+            except StopIteration:
+                self._it, self.unit_pos, self.in_unit = None, self.unit_pos + 1, 0
+                continue
+            except TruncatedShard as e:
+                self._it, self.unit_pos, self.in_unit = None, self.unit_pos + 1, 0
+                self.r._count("read", e.missing)
+                self.r._bad("truncated_tar", e.url, "[rest of unit]", e.detail, n=e.missing)
+                continue
+            ref = (self.s, self.epoch, self.unit_pos, self.in_unit)
+            self.in_unit += 1
+            return raw, ref
+        return None
+
+    def _next_epoch(self) -> None:
+        self.empty = self.empty + 1 if self.n == 0 else 0
+        if self.empty >= self.r.cfg.max_empty_epochs:
+            raise DataError(
+                f"data: subset {self.name!r}: reader {self.r.consumer} (rank {self.r.plan.rank}) found no usable sample "
+                f"in {self.empty} epochs in a row (counts: {self.r.state.counters}); check filters, buckets and shards"
+            )
+        self.epoch += 1
+        self.unit_pos = self.in_unit = self.n = 0
+        self.flush, self._units, self._it = None, None, None
+        if self.r.cfg.epochs is not None and self.epoch >= self.r.cfg.epochs:
+            raise _Exhausted
+
+    def next(self) -> Sample:
+        r = self.r
+        while True:
+            if self.flush is not None:
+                if self.flush:
+                    return self.flush.pop(0)
+                self._next_epoch()
+                continue
+            got = self._next_raw()
+            if got is None:  # end of the epoch's units: hand out the buffer in a seeded order
+                order = _rng(r.plan.seed, 611953, self.s, self.epoch, r.consumer).permutation(len(self.buf))
+                self.flush = [self.buf[i] for i in order]
+                self.buf = []
+                continue
+            raw, ref = got
+            smp = r._prepare(raw, self.s, self.epoch)
+            if smp is None:
+                continue
+            smp.ref = ref
+            self.n += 1
+            if self.size <= 1:
+                return smp
+            if len(self.buf) < self.size:
+                self.buf.append(smp)
+                continue
+            i = int(_rng(r.plan.seed, 104729, self.s, self.epoch, r.consumer, self.n).integers(len(self.buf)))
+            out, self.buf[i] = self.buf[i], smp
+            return out
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "unit_pos": self.unit_pos, "in_unit": self.in_unit, "n": self.n, "empty": self.empty,
+            "buf": [list(x.ref) for x in self.buf],
+            "flush": None if self.flush is None else [list(x.ref) for x in self.flush],
+        }
+
+    def restore(self, snap: dict[str, Any], samples: dict[tuple, Sample]) -> None:
+        self.epoch, self.unit_pos, self.in_unit = int(snap["epoch"]), int(snap["unit_pos"]), int(snap["in_unit"])
+        self.n, self.empty = int(snap["n"]), int(snap["empty"])
+        self.buf = [samples[tuple(x)] for x in snap["buf"]]
+        self.flush = None if snap["flush"] is None else [samples[tuple(x)] for x in snap["flush"]]
+        self._units, self._it = None, None
+
+
+class Reader:
+    """The stream of one reader. ``batches()`` yields ``(batch_dict, snapshot)``.
+
+    ``resume``: ``{"snapshot": <a snapshot this reader reported>}`` continues right after that batch;
+    ``{"start_epochs": {subset: e}}`` starts fresh at those epochs (after a world-size/worker change).
     """
 
     def __init__(self, plan: Plan, worker: int, resume: Optional[dict] = None):
@@ -158,22 +280,22 @@ class Reader:
         self.consumer = plan.rank * plan.workers + worker
         self.state = ReaderState()
         self.resume = resume or {}
-        self.replay_until = int(self.resume.get("planned", 0))
-        self.start_epochs = dict(self.resume.get("start_epochs", {}))
+        self.start_epochs = dict(self.resume.get("start_epochs") or {})
+        self._quiet = False
         self._logged: dict[str, int] = {}
+        self.streams: list[_Stream] = []
+        self.pending: dict[tuple[str, int], list[Sample]] = {}  # insertion order = flush order
+        self.mix_draws = 0
 
     # ------------------------------------------------------------------ counting
-    @property
-    def replaying(self) -> bool:
-        return self.state.planned < self.replay_until
-
     def _count(self, name: str, n: int = 1) -> None:
-        self.state.counters[name] = self.state.counters.get(name, 0) + n
+        if not self._quiet:
+            self.state.counters[name] = self.state.counters.get(name, 0) + n
 
     def _bad(self, reason: str, url: str, key: str, detail: str = "", n: int = 1) -> None:
-        self._count(f"skipped/{reason}", n)
-        if self.replaying:
+        if self._quiet:
             return
+        self._count(f"skipped/{reason}", n)
         k = self._logged.get(reason, 0)
         if k < _MAX_LOGGED_PER_REASON:
             log.warning("data: skipped %s sample(s): %s shard=%s key=%s %s", n, reason, url, key, detail)
@@ -194,7 +316,7 @@ class Reader:
                 f"last bad: shard {url} key {key}. Fix or drop those shards, or raise data.max_bad_fraction."
             )
 
-    # ------------------------------------------------------------------ planning
+    # ------------------------------------------------------------------ units
     def _epoch_units(self, s: int, epoch: int) -> list[Unit]:
         units = self.plan.subsets[s].units
         if self.cfg.shuffle:
@@ -202,6 +324,16 @@ class Reader:
         else:
             order = np.arange(len(units))
         return [units[i] for i in order[self.consumer :: self.plan.readers]]
+
+    def sub_unit(self, unit: Unit, skip: int) -> Unit:
+        """The part of ``unit`` after its first ``skip`` samples (seeking when offsets are known)."""
+        if skip == 0:
+            return unit
+        start = unit.start + skip
+        count = None if unit.count is None else unit.count - skip
+        offs = self.plan.offsets.get(unit.url)
+        off = int(offs[start]) if offs is not None and start < len(offs) else 0
+        return Unit(unit.url, start, count, off)
 
     def _prepare(self, raw: dict[str, Any], s: int, epoch: int) -> Optional[Sample]:
         """Parse + filter + bucket a raw sample without decoding its media; None when skipped."""
@@ -271,83 +403,112 @@ class Reader:
                 return None
         return Sample(key, url, s, epoch, kind, ext, raw, meta, bi, caption if isinstance(caption, str) else "")
 
-    def _subset_stream(self, s: int) -> Iterator[Sample]:
-        name = self.plan.subsets[s].name
-        epoch = int(self.start_epochs.get(name, 0))
-        empty = 0
-        while self.cfg.epochs is None or epoch < self.cfg.epochs:
-            self.state.epochs[name] = epoch
-            rng = _rng(self.plan.seed, 104729, s, epoch, self.consumer)
-            buf: list[Sample] = []
-            size = self.cfg.shuffle_buffer if self.cfg.shuffle else 0
-            n = 0
-            for unit in self._epoch_units(s, epoch):
-                try:
-                    for raw in iter_unit(unit):
-                        smp = self._prepare(raw, s, epoch)
-                        if smp is None:
-                            continue
-                        n += 1
-                        if size <= 1:
-                            yield smp
-                        elif len(buf) < size:
-                            buf.append(smp)
-                        else:
-                            i = int(rng.integers(len(buf)))
-                            out, buf[i] = buf[i], smp
-                            yield out
-                except TruncatedShard as e:
-                    self._count("read", e.missing)
-                    self._bad("truncated_tar", e.url, f"[{unit.start}+]", e.detail, n=e.missing)
-            if size > 1:
-                rng.shuffle(buf)  # type: ignore[arg-type]
-            yield from buf
-            empty = empty + 1 if n == 0 else 0
-            if empty >= self.cfg.max_empty_epochs:
-                raise DataError(
-                    f"data: subset {name!r}: reader {self.consumer} (rank {self.plan.rank}) found no usable sample in "
-                    f"{empty} epochs in a row (counts: {self.state.counters}); check filters, buckets and shards"
-                )
-            epoch += 1
+    def iter_subset(self, s: int) -> Iterator[Sample]:
+        """The planned samples of subset ``s`` alone (for ``lcv-data stats``)."""
+        try:
+            st = _Stream(self, s, int(self.start_epochs.get(self.plan.subsets[s].name, 0)))
+            while True:
+                yield st.next()
+        except _Exhausted:
+            return
 
     def plan_batches(self) -> Iterator[PlannedBatch]:
         cfg = self.cfg
-        streams = [self._subset_stream(s) for s in range(len(self.plan.subsets))]
+        if not self.streams:
+            try:
+                self.streams = [_Stream(self, s, int(self.start_epochs.get(sp.name, 0))) for s, sp in enumerate(self.plan.subsets)]
+            except _Exhausted:
+                return
         ratios = np.array([sp.ratio for sp in self.plan.subsets], dtype=np.float64)
         cum = np.cumsum(ratios / ratios.sum())
-        mix_rng = _rng(self.plan.seed, 15485863, self.consumer)
-        task_rng = _rng(self.plan.seed, 32452843, self.consumer)
-        pending: dict[tuple[str, int], list[Sample]] = {}
-        order: list[tuple[str, int]] = []  # first-seen order of pending buckets, for a deterministic flush
-
-        def emit(bk: tuple[str, int], samples: list[Sample]) -> PlannedBatch:
-            b = self.plan.buckets[bk[1]]
-            if bk[0] == "latent":
-                t = int(samples[0].meta.get("latent_shape", [0, 1])[1])
-            else:
-                t = latent_frames(b[0], cfg.temporal_stride)
-            task, k = sample_task(task_rng, cfg, t)
-            self.state.planned += 1
-            return PlannedBatch(bk[1], bk[0], samples, task, k)
-
         while True:
-            u = mix_rng.random()
-            s = int(np.searchsorted(cum, u, side="right").clip(0, len(streams) - 1)) if len(streams) > 1 else 0
+            if len(self.streams) > 1:
+                u = _rng(self.plan.seed, 15485863, self.consumer, self.mix_draws).random()
+                s = int(np.searchsorted(cum, u, side="right").clip(0, len(self.streams) - 1))
+            else:
+                s = 0
+            self.mix_draws += 1
             try:
-                smp = next(streams[s])
-            except StopIteration:
+                smp = self.streams[s].next()
+            except _Exhausted:
                 break  # finite epochs: the first exhausted subset ends the stream
             bk = ("latent" if smp.kind == "latent" else "pixel", smp.bucket)
-            if bk not in pending:
-                pending[bk] = []
-                order.append(bk)
-            pending[bk].append(smp)
-            if len(pending[bk]) >= bucket_batch_size(cfg, smp.bucket):
-                samples = pending.pop(bk)
-                order.remove(bk)
-                yield emit(bk, samples)
-        for bk in order:  # finite mode only: partial batches, so every sample is seen
-            yield emit(bk, pending[bk])
+            self.pending.setdefault(bk, []).append(smp)
+            if len(self.pending[bk]) >= bucket_batch_size(cfg, smp.bucket):
+                yield self._emit(bk, self.pending.pop(bk))
+        while self.pending:  # finite mode only: partial batches, so every sample is seen
+            bk = next(iter(self.pending))
+            yield self._emit(bk, self.pending.pop(bk))
+
+    def _emit(self, bk: tuple[str, int], samples: list[Sample]) -> PlannedBatch:
+        b = self.plan.buckets[bk[1]]
+        if bk[0] == "latent":
+            t = int(samples[0].meta.get("latent_shape", [0, 1])[1])
+        else:
+            t = latent_frames(b[0], self.cfg.temporal_stride)
+        task, k = sample_task(_rng(self.plan.seed, 32452843, self.consumer, self.state.planned), self.cfg, t)
+        self.state.planned += 1
+        return PlannedBatch(bk[1], bk[0], samples, task, k)
+
+    # ------------------------------------------------------------------ snapshot / restore
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker,
+            "planned": self.state.planned,
+            "mix_draws": self.mix_draws,
+            "counters": dict(self.state.counters),
+            "epochs": {st.name: st.epoch for st in self.streams},
+            "streams": [st.snapshot() for st in self.streams],
+            "pending": [[k, b, [list(x.ref) for x in v]] for (k, b), v in self.pending.items()],
+        }
+
+    def _fetch(self, refs: list[tuple[int, int, int, int]]) -> dict[tuple, Sample]:
+        """Re-read (never decode) the referenced samples; one seek each when offsets are known."""
+        out: dict[tuple, Sample] = {}
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for ref in refs:
+            groups.setdefault(tuple(ref[:3]), []).append(ref[3])  # type: ignore[arg-type]
+        self._quiet = True
+        try:
+            for (s, epoch, pos), idxs in groups.items():
+                unit = self._epoch_units(s, epoch)[pos]
+                want = sorted(set(idxs))
+                if unit.url in self.plan.offsets:
+                    raws = {i: _read_one(self.sub_unit(unit, i)) for i in want}
+                else:
+                    raws, top = {}, want[-1]
+                    for i, raw in enumerate(iter_unit(unit)):
+                        if i in idxs:
+                            raws[i] = raw
+                        if i >= top:
+                            break
+                for i in want:
+                    smp = self._prepare(raws[i], s, epoch) if raws.get(i) is not None else None
+                    if smp is None:
+                        raise DataError(f"data: cannot restore the loader: sample {i} of unit {unit} changed since the checkpoint")
+                    smp.ref = (s, epoch, pos, i)
+                    out[smp.ref] = smp
+        except TruncatedShard as e:
+            raise DataError(f"data: cannot restore the loader: {e}") from e
+        finally:
+            self._quiet = False
+        return out
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        refs = [tuple(x) for st in snap["streams"] for x in st["buf"] + (st["flush"] or [])]
+        refs += [tuple(x) for _, _, v in snap["pending"] for x in v]
+        samples = self._fetch(refs)  # type: ignore[arg-type]
+        self.streams = []
+        for s, st in enumerate(snap["streams"]):
+            stream = _Stream.__new__(_Stream)
+            stream.r, stream.s, stream.name = self, s, self.plan.subsets[s].name
+            stream.size = self.cfg.shuffle_buffer if self.cfg.shuffle else 0
+            stream.restore(st, samples)
+            self.streams.append(stream)
+        self.pending = {(k, int(b)): [samples[tuple(x)] for x in v] for k, b, v in snap["pending"]}
+        self.mix_draws = int(snap["mix_draws"])
+        self.state.planned = int(snap["planned"])
+        self.state.counters = dict(snap["counters"])
 
     # ------------------------------------------------------------------ materialising
     def _start_time(self, smp: Sample, frames: int) -> float:
@@ -427,21 +588,12 @@ class Reader:
             batch["meta"] = [smp.meta for smp in kept]
         return batch
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "worker": self.worker,
-            "planned": self.state.planned,
-            "counters": dict(self.state.counters),
-            "epochs": dict(self.state.epochs),
-        }
-
     def batches(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-        restore = self.resume.get("counters") if self.replay_until > 0 else None
+        if self.resume.get("snapshot"):
+            self.restore(self.resume["snapshot"])
         for pb in self.plan_batches():
-            if self.state.planned <= self.replay_until:
-                if self.state.planned == self.replay_until and restore is not None:
-                    self.state.counters = dict(restore)
-                continue
             batch = self._materialise(pb)
             if batch is not None:
-                yield batch, self.info()
+                yield batch, self.snapshot()
+        # Finite streams only: a last (None, snapshot) so the counts of a trailing all-bad batch arrive.
+        yield None, self.snapshot()  # type: ignore[misc]

@@ -32,7 +32,7 @@ def collect_stats(shards: list[str], buckets: list[list[int]], fps: float, tempo
     ranges: dict[str, list[float]] = {}  # key -> [count, min, sum, max]
     total = 0
     for s in range(len(plan.subsets)):
-        for smp in reader._subset_stream(s):  # noqa: SLF001 - the planning step, without batching
+        for smp in reader.iter_subset(s):
             total += 1
             b = plan.buckets[smp.bucket]
             by_bucket[bucket_name(b)] = by_bucket.get(bucket_name(b), 0) + 1
