@@ -162,6 +162,13 @@ class Trainer:
         if not path.is_dir():
             raise ConfigError(f"trainer.resume: {path} is not a checkpoint directory")
         rank_state = self.checkpointer.load(path, self._state(), self._meta())
+        # The schedule's position comes from the checkpoint, its peak lr from the config (so a resumed
+        # run can change optim.lr).
+        sched = self.lr_scheduler
+        sched.base_lrs = [self.cfg.optim.lr] * len(sched.base_lrs)
+        for group, lam in zip(self.engine.optimizer.param_groups, sched.lr_lambdas):
+            group["lr"] = self.cfg.optim.lr * lam(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.engine.optimizer.param_groups]
         if rank_state is not None:
             self.loader.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])

@@ -1,0 +1,55 @@
+"""The real trainer on 2 gloo ranks under torchrun (FSDP2): save on 2, resume on 2 exactly, resume on 1.
+
+On a different world size the model, optimizer, EMA, lr schedule and step are resharded from the DCP
+checkpoint; the data loader restarts its epoch (its position is per rank), which the trainer logs.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.training._runs import env, losses, tiny_overrides
+
+
+def torchrun(args, cwd, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "lcv_train", *args]
+    p = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def test_fsdp_two_ranks_save_resume_on_two_and_one(tmp_path):
+    root, data = tmp_path / "runs", tmp_path / "data"
+    o = tiny_overrides(root, data) + ["parallel=fsdp", "parallel.backend=gloo", "trainer.checkpoint_every=2",
+                                      "trainer.sample_at_end=false", "data.num_workers=1"]
+    torchrun(o + ["run.name=full", "trainer.max_steps=4"], cwd=tmp_path)
+    torchrun(o + ["run.name=split", "trainer.max_steps=2"], cwd=tmp_path)
+    p = torchrun(o + ["run.name=split", "trainer.max_steps=4"], cwd=tmp_path)
+    full, split = losses(root / "full"), losses(root / "split")
+    assert sorted(split) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert split[step] == pytest.approx(full[step], rel=1e-6), step
+    for rank in (0, 1):
+        assert (root / "split" / "logs" / f"rank{rank}.log").is_file()
+
+    # Resume the 2-rank checkpoint on 1 process: the weights arrive unchanged (a vanishing lr keeps the
+    # one extra step from moving them), and training goes on.
+    step2 = root / "full" / "checkpoints" / "step_0000004"
+    single = o[:]
+    single[single.index("parallel=fsdp")] = "parallel=single"
+    p = subprocess.run([sys.executable, "-m", "lcv_train", *single, "run.name=one", f"trainer.resume={step2}",
+                        "trainer.max_steps=5", "optim.lr=1e-30", "ema.decay=0"], cwd=tmp_path, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "written by 2 ranks, resuming on 1" in (root / "one" / "logs" / "rank0.log").read_text()
+    assert sorted(losses(root / "one")) == [5]
+    from lcv_train.export import load_training_weights
+
+    _, before = load_training_weights(step2, "model")
+    _, after = load_training_weights(root / "one" / "checkpoints" / "step_0000005", "model")
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=1e-6, atol=1e-6, msg=k)
