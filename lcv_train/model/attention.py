@@ -6,8 +6,8 @@ object is how block-sparse attention (``BlockSparseAttentionOp``) and context pa
 
 An operator also owns *where tokens live*: ``shard_tokens``/``gather_tokens`` map the full token grid
 ``[B, T, H, W, ...]`` (patch units) to the part this process computes and back. The default keeps
-everything local. A context-parallel operator shards along H (whole 3D blocks per rank), so the
-condition/noisy split along T stays local on every rank.
+everything local. A context-parallel operator shards along H (for block-sparse ring attention on video,
+in whole 3D blocks per rank), so the condition/noisy split along T stays local on every rank.
 
 Grids passed to ``self_attention`` are the *local* (T, H, W) token grids of the queries and keys, tokens
 in T-H-W raster order; for the noisy-queries call, the key grid starts ``kv_grid[0] - q_grid[0]`` frames

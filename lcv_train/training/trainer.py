@@ -143,6 +143,11 @@ class Trainer:
         data["temporal_stride"] = self.codec.temporal_stride
         data["spatial_multiple"] = self.codec.spatial_stride * self.cfg.model.patch_size[1]
         dcfg = to_data_config(data)
+        op = self._core_model().attention_op
+        if hasattr(op, "check_grid"):  # context parallelism: every bucket must shard evenly, checked now
+            for frames, height, _ in dcfg.buckets:
+                rows = height // (self.codec.spatial_stride * self.cfg.model.patch_size[1])
+                op.check_grid(rows, self.codec.latent_frames(frames))
         return build_loader(dcfg, self.dims.dp_rank, self.dims.dp_size, self.cfg.run.seed)
 
     def _state(self) -> dict:
