@@ -140,17 +140,45 @@ class ZeroEngine:
 
             raise CheckpointError(f"checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]!r}")
         states = sd.get("optim", {}).get("state", {})
+        step = int(sd.get("optim", {}).get("step", 0))
+        if states:
+            self._init_optimizer_state()
+        import deepspeed
+
         for n, p in self._named_params():
-            safe_set_full_fp32_param(p, sd["model"][n].to(self.device))
+            value = sd["model"][n].to(self.device)
+            safe_set_full_fp32_param(p, value)  # the optimizer's fp32 master partition
+            # ... and the module's (compute) copy, which DeepSpeed refreshes only after the next step
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+                with torch.no_grad():
+                    p.data.copy_(value.to(p.dtype))
             for key, t in states.get(n, {}).items():
                 safe_set_full_optimizer_state(p, t.to(self.device), key)
-        step = int(sd.get("optim", {}).get("step", 0))
         self.ds.global_steps = step
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                st = self.optimizer.state.get(p)
-                if st is not None and "step" in st:
-                    st["step"] = torch.as_tensor(float(step)) if torch.is_tensor(st["step"]) else step
+        for p in self._flat_partitions():
+            st = self.optimizer.state.get(p)
+            if st and "step" in st:
+                st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        """The fp32 flat partitions the inner optimizer steps (ZeRO-3 lists them in param_groups only
+        during its step)."""
+        flats = getattr(self.zero_optimizer, "fp32_partitioned_groups_flat", None)
+        if flats:
+            return list(flats)
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _init_optimizer_state(self) -> None:
+        """Create AdamW's moments (zeros) on ZeRO's flat fp32 partitions before the first step, so that
+        loaded moments have somewhere to go (torch's AdamW only initialises state it does not find)."""
+        for p in self._flat_partitions():
+            if not self.optimizer.state.get(p):
+                self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                           "exp_avg_sq": torch.zeros_like(p)}
+        link = getattr(self.zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2: point each parameter's fragment map at the new state
+            self.zero_optimizer._hp_optimizer_states_linked = False
+            link()
 
     def full_model_state_dict(self) -> dict:
         return self.state_dict()["model"]
