@@ -6,6 +6,7 @@ Measures, on this machine's CPU:
       (read tar + decode + resize/crop + float conversion + hand-over to the main process);
   (b) reading cached latents (Wan 2.1 shapes: latents [16, 24, 60, 104] fp16, text [~200 of 512, 4096] fp16):
       samples/s of one worker;
+  (d) the embedded default's synthetic set (32x32, 9 frames): samples/s of one worker;
   (c) the time training waits for data: a fake training step (sleep, as if the GPU were busy) of
       --step-s seconds per batch with --workers workers; reports the fraction of wall time spent in
       next(loader) after warm-up.
@@ -116,11 +117,20 @@ def wait_fraction(cfg: DataConfig, steps: int, step_s: float, warmup: int = 3) -
     return {"steps": steps, "step_s": step_s, "wall_s": wall, "wait_s": waited, "wait_fraction": waited / wall}
 
 
+def tiny_rate(tmp: str, batches: int) -> float:
+    from data_loaders import ensure_synthetic_shards
+
+    d = ensure_synthetic_shards(os.path.join(tmp, "syn"), n=256, frames=9, height=32, width=32, fps=8.0, seed=0)
+    cfg = DataConfig(shards=[d], buckets=[[9, 32, 32]], batch_size=8, num_workers=1, fps=8.0, temporal_stride=1)
+    return loader_rate(cfg, batches)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--workers", type=int, default=2, help="workers for the wait-time measurement")
     p.add_argument("--step-s", type=float, default=None, help="fake training step per batch (default: 1.5x the per-worker decode time / workers)")
+    p.add_argument("--latent-step-s", type=float, default=0.05, help="fake training step per batch for cached latents")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -155,9 +165,10 @@ def main(argv=None) -> int:
         step = args.step_s if args.step_s is not None else 1.5 / res["pixel_worker_samples_per_s"] / args.workers
         res["wait_pixel"] = wait_fraction(DataConfig(**{**px.__dict__, "num_workers": args.workers}), 6 if args.quick else 16, step)
         res["wait_pixel"]["workers"] = args.workers
-        lat_step = 0.05
+        lat_step = args.latent_step_s
         res["wait_latent"] = wait_fraction(DataConfig(**{**lat.__dict__, "num_workers": args.workers}), 20 if args.quick else 60, lat_step)
         res["wait_latent"]["workers"] = args.workers
+        res["tiny_worker_samples_per_s"] = tiny_rate(tmp, 10 if args.quick else 40)
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:
