@@ -10,7 +10,8 @@ REPO = Path(__file__).resolve().parents[2]
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 TRAIN_SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
 
-# The tiny CPU run: tiny DiT, small synthetic clips, one clip per rank per step, no logger, no sample.
+# The tiny CPU run: tiny DiT sharded over the ranks (gloo), small synthetic clips, one clip per rank per
+# step, no logger, no sample.
 TINY = [
     "model=tiny",
     "logger=none",
@@ -23,6 +24,7 @@ TINY = [
     "synthetic.frames=5",
     "synthetic.height=16",
     "synthetic.width=16",
+    "parallel=fsdp",
     "parallel.backend=gloo",
 ]
 

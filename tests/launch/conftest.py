@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -37,3 +38,4 @@ def slurm_cluster():
         raise
     yield cluster
     cluster.stop()
+    shutil.rmtree(cluster.root, ignore_errors=True)
