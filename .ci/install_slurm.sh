@@ -7,10 +7,11 @@
 # slurm.conf and munge key under a tmp dir and starts the daemons itself.
 set -euo pipefail
 
+export PATH="$PATH:/usr/sbin:/sbin"   # the daemons live in sbin
 need=(sbatch srun scontrol sinfo slurmctld slurmd munged)
 missing=0
 for bin in "${need[@]}"; do
-    command -v "$bin" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$bin" >/dev/null 2>&1 || missing=1
+    command -v "$bin" >/dev/null 2>&1 || missing=1
 done
 if [[ $missing == 0 ]]; then
     exit 0
@@ -36,4 +37,4 @@ fi
 for svc in slurmd slurmctld munge; do
     service "$svc" stop >/dev/null 2>&1 || true
 done
-echo "install_slurm.sh: installed $(PATH="$PATH:/usr/sbin" slurmctld -V 2>/dev/null || echo slurm)"
+echo "install_slurm.sh: installed $(slurmctld -V 2>/dev/null || echo slurm)"
