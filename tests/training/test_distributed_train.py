@@ -53,3 +53,26 @@ def test_fsdp_two_ranks_save_resume_on_two_and_one(tmp_path):
     _, after = load_training_weights(root / "one" / "checkpoints" / "step_0000005", "model")
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    o = tiny_overrides(tmp / "runs", tmp / "data") + ["trainer.sample_at_end=false", "data.num_workers=1",
+                                                      "run.name=ref", "trainer.max_steps=3"]
+    p = subprocess.run([sys.executable, "-m", "lcv_train", *o], cwd=tmp, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return tmp, o, losses(tmp / "runs" / "ref")
+
+
+@pytest.mark.parametrize("mode", ["ring", "ulysses"])
+def test_context_parallel_training_matches_single_process(single_process_reference, mode):
+    """cp=2 on 2 ranks is one data-parallel replica: same batches, same noise, so the same losses."""
+    tmp, o, ref = single_process_reference
+    o = [x for x in o if not x.startswith("run.name")] + [f"run.name=cp_{mode}", "parallel=fsdp", "parallel.cp=2",
+                                                          f"parallel.cp_mode={mode}", "parallel.backend=gloo"]
+    torchrun(o, cwd=tmp)
+    got = losses(tmp / "runs" / f"cp_{mode}")
+    for step in (1, 2, 3):
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), (step, got, ref)
