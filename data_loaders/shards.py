@@ -308,6 +308,8 @@ def iter_unit(unit: Unit) -> Iterator[dict[str, Any]]:
     """
     got = 0
     stream = None
+    close_error: Optional[BaseException] = None
+    complete = False
     try:
         stream = wds.gopen(unit.url, "rb")
         skip = unit.start
@@ -328,7 +330,9 @@ def iter_unit(unit: Unit) -> Iterator[dict[str, Any]]:
             yield sample
             got += 1
             if unit.count is not None and got >= unit.count:
+                complete = True
                 return
+        complete = True
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         missing = (unit.count - got) if unit.count is not None else 1
         raise TruncatedShard(unit.url, max(missing, 1), f"{type(e).__name__}: {e}") from e
@@ -336,8 +340,10 @@ def iter_unit(unit: Unit) -> Iterator[dict[str, Any]]:
         if stream is not None:
             try:
                 stream.close()
-            except Exception:  # noqa: BLE001 - a pipe that exits non-zero on close; the count check follows
-                pass
+            except Exception as e:  # noqa: BLE001 - e.g. a pipe command that exited non-zero
+                close_error = e
+    if close_error is not None and complete and (unit.count is None or got < unit.count):
+        raise TruncatedShard(unit.url, 1 if unit.count is None else unit.count - got, f"closing failed: {close_error}")
     if unit.count is not None and got < unit.count:
         raise TruncatedShard(unit.url, unit.count - got, f"ended after {got} of {unit.count} samples")
 

@@ -101,3 +101,14 @@ def test_pipe_urls(tmp_path):
     d = write_set(str(tmp_path / "p"), [video_sample(f"k{i}") for i in range(4)], per_shard=4)
     keys = [k for b in build_loader(_cfg(f"pipe:cat {d}/shard-000000.tar"), 0, 1, 0) for k in b["keys"]]
     assert sorted(keys) == ["k0", "k1", "k2", "k3"]
+
+
+def test_failing_pipe_is_counted(tmp_path):
+    d = write_set(str(tmp_path / "p"), [video_sample(f"k{i}") for i in range(4)], per_shard=4)
+    shards = [f"pipe:cat {d}/shard-000000.tar", f"pipe:cat {d}/does-not-exist.tar"]
+    cfg = DataConfig(shards=shards, buckets=[[9, 32, 32]], batch_size=2, num_workers=0, epochs=1, max_bad_fraction=0.9,
+                     bad_min_samples=1)
+    loader = build_loader(cfg, 0, 1, 0)
+    keys = [k for b in loader for k in b["keys"]]
+    assert sorted(keys) == ["k0", "k1", "k2", "k3"]
+    assert loader.metrics()["data/skipped/truncated_tar"] == 1
