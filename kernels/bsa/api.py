@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -20,7 +21,7 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"BSA backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
+        return "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
     return backend
 
 
@@ -38,7 +39,8 @@ def block_attention(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, q_vali
             read and they must be distinct. ``K`` may be 0.
         kv_count: ``[B, H, nq]`` int, may be 0 (a query block with nothing to attend to here).
         scale: softmax scale, default ``1/sqrt(D)``.
-        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (triton on CUDA tensors, torch otherwise).
+        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (triton on CUDA tensors when triton is installed,
+            torch otherwise).
 
     Returns:
         ``(out_b [B, nq, bs, H, D] in q's dtype, lse_b [B, H, nq, bs] fp32)``, lse the natural-log

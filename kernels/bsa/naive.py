@@ -108,18 +108,27 @@ class BlockAttentionTorch(torch.autograd.Function):
             kg = kh.index_select(0, flat).view(B, H, c, K * bs, D).float()
             vg = vh.index_select(0, flat).view(B, H, c, K * bs, D).float()
             qs = qh[:, :, c0:c1].float() * scale
-            p = _scores(qs, kg, k_off, q_off)
             lse_c = lse[:, :, c0:c1, :, None]
             empty = ~torch.isfinite(lse_c)
-            # Empty rows have lse = -inf: use +inf there so that p = exp(s - lse) = 0 instead of NaN.
-            p.sub_(torch.where(empty, torch.full_like(lse_c, float("inf")), lse_c)).exp_()
+            # p = exp(q.k - lse) with the subtraction fused into the matmul (baddbmm). Empty rows have
+            # lse = -inf: use +inf there so that p = 0 instead of NaN.
+            neg_lse = torch.where(empty, torch.full_like(lse_c, float("-inf")), -lse_c)
+            kt = kg.reshape(-1, K * bs, D).transpose(1, 2)
+            p = torch.baddbmm(neg_lse.reshape(-1, bs, 1), qs.reshape(-1, bs, D), kt).view(B, H, c, bs, K * bs)
+            if k_off is not None:
+                p.masked_fill_(k_off, float("-inf"))
+            if q_off is not None:
+                p.masked_fill_(q_off, float("-inf"))
+            p.exp_()
             do = doh[:, :, c0:c1].float()
             delta = (do * out[:, :, c0:c1].float()).sum(dim=-1, keepdim=True)
             if dlse is not None:
                 # lse = -inf (empty row) is constant: ignore its incoming gradient (may be NaN from a merge).
                 dl = dlse[:, :, c0:c1, :, None].float()
                 delta = delta - torch.where(empty, torch.zeros_like(dl), dl)
-            ds = torch.matmul(do, vg.transpose(-1, -2)).sub_(delta).mul_(p)  # p * (dp - delta)
+            # ds = p * (do.v - delta), the subtraction fused into the matmul.
+            vt = vg.reshape(-1, K * bs, D).transpose(1, 2)
+            ds = torch.baddbmm(-delta.reshape(-1, bs, 1), do.reshape(-1, bs, D), vt).view(B, H, c, bs, K * bs).mul_(p)
             dq[:, :, c0:c1] = torch.matmul(ds, kg).mul_(scale)
             dk.index_add_(0, flat, torch.matmul(ds.transpose(-1, -2), qs).reshape(-1, bs, D))
             dv.index_add_(0, flat, torch.matmul(p.transpose(-1, -2), do).reshape(-1, bs, D))
@@ -129,10 +138,11 @@ class BlockAttentionTorch(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def block_attention_torch(qb, kb, vb, q_valid, k_valid, kv_index, kv_count, scale=None, chunk_elems=CHUNK_ELEMS):
+def block_attention_torch(qb, kb, vb, q_valid, k_valid, kv_index, kv_count, scale=None, chunk_elems=None):
     """PyTorch block attention; see :func:`kernels.bsa.block_attention` for the contract."""
     B, nq, bs, H, D = qb.shape
     K = max(1, kv_index.shape[-1])
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
+    chunk_elems = chunk_elems if chunk_elems is not None else CHUNK_ELEMS
     chunk = max(1, min(nq, chunk_elems // max(1, B * H * bs * K * bs)))
     return BlockAttentionTorch.apply(qb, kb, vb, q_valid.bool(), k_valid.bool(), kv_index, kv_count, scale, chunk)
