@@ -54,7 +54,9 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     deadline = time.monotonic() + 120
     while not (rank0.exists() and "step 2 loss" in rank0.read_text()):
         assert time.monotonic() < deadline, "training did not start\n" + slurm_cluster.logs()
-        assert slurm_cluster.job(job).state in ("PENDING", "RUNNING", "CONFIGURING")
+        state = slurm_cluster.job(job).state
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (
+            f"job {job} is {state}\n" + (tmp_path / f"lcv-{job}.out").read_text())
         time.sleep(0.2)
     # What --signal=B:USR1@180 does shortly before the time limit.
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=slurm_cluster.env(), check=True)
