@@ -28,6 +28,8 @@ LAYOUTS = {
     "hsdp": dict(name="hsdp", engine="fsdp", dp_replicate=2),
     "fsdp_ac": dict(name="fsdp", engine="fsdp", activation_checkpointing=1),
     "tp2": dict(name="fsdp_tp2", engine="fsdp", tp=2),
+    "cp2_ring": dict(name="fsdp_cp2", engine="fsdp", cp=2, cp_mode="ring"),
+    "cp2_ulysses": dict(name="fsdp_cp2", engine="fsdp", cp=2, cp_mode="ulysses"),
     "zero2": dict(name="zero2", engine="zero2"),
     "zero3": dict(name="zero3", engine="zero3"),
 }
@@ -40,6 +42,8 @@ def _run_layout(layout):
 
     cfg = ParallelConfig(**layout)
     dims = init_distributed(cfg)
+    if layout.get("name") == "fsdp_bf16":
+        return _run_bf16_policy(dims, cfg)
     model = parallelize_model(L.make_model(), dims, cfg)
     opt = L.make_optimizer(model) if cfg.engine == "fsdp" else dict(lr=L.LR, betas=(0.9, 0.95), eps=1e-8,
                                                                      weight_decay=0.1)
@@ -79,6 +83,31 @@ def _check_state_roundtrip(engine, dims, cfg, opt, n):
         torch.testing.assert_close(full_b[k], v, rtol=0, atol=1e-6)
 
 
+def _run_bf16_policy(dims, cfg):
+    """The GPU mixed-precision policy, run on CPU: bf16 compute in the blocks, fp32 AdaLN/timestep/final
+    layer, fp32 sharded master weights; returns the losses and the dtypes each part computed in."""
+    from parallel import build_engine, parallelize_model
+
+    dims.device = torch.device("cuda")  # only selects the policy; nothing is allocated on a GPU
+    model = parallelize_model(L.make_model(), dims, cfg)
+    dims.device = torch.device("cpu")
+    seen = {}
+    watch = {"qkv": model.blocks[0].attn.qkv, "adaLN": model.blocks[0].adaLN_modulation[1],
+             "final": model.final_layer.linear, "t_embedder": model.t_embedder.mlp[0], "ffn": model.blocks[1].ffn.w2}
+    def hook(key):
+        def record(mod, inputs, out):
+            seen.setdefault(key, (mod.weight.dtype, out.dtype))
+        return record
+
+    for key, mod in watch.items():
+        mod.register_forward_hook(hook(key))
+    engine = build_engine(model, L.make_optimizer(model), dims, cfg, grad_clip=L.GRAD_CLIP)
+    n = L.GLOBAL_BATCH // dims.dp_size
+    losses, norms = L.train(engine, L.make_batches(), dims.dp_rank * n, (dims.dp_rank + 1) * n)
+    masters = {str(p.dtype) for p in model.parameters()}
+    return losses, norms, {k: (str(a), str(b)) for k, (a, b) in seen.items()}, dims.dp_rank, masters
+
+
 def _worker(rank, world, layouts):
     import traceback
 
@@ -93,13 +122,31 @@ def _worker(rank, world, layouts):
 
 
 @pytest.fixture(scope="module")
-def runs():
-    return run_ranks(_worker, 2, LAYOUTS)
+def ref():
+    return L.reference()
+
+
+LAYOUTS_EXTRA = {"fsdp_bf16": dict(name="fsdp_bf16", engine="fsdp", mixed_precision="bf16")}
 
 
 @pytest.fixture(scope="module")
-def ref():
-    return L.reference()
+def runs():
+    return run_ranks(_worker, 2, {**LAYOUTS, **LAYOUTS_EXTRA})
+
+
+def test_bf16_mixed_precision_policy(runs, ref):
+    """bf16 compute where SPEC allows it, fp32 where it asks for fp32, fp32 master weights; the loss
+    stays within bf16 rounding of the fp32 run."""
+    r = runs[0]["fsdp_bf16"]
+    assert not isinstance(r, str), r
+    losses, _, dtypes, _, masters = r
+    bf16, fp32 = "torch.bfloat16", "torch.float32"
+    assert dtypes["qkv"] == (bf16, bf16) and dtypes["ffn"] == (bf16, bf16)
+    assert dtypes["adaLN"] == (fp32, fp32) and dtypes["final"] == (fp32, fp32) and dtypes["t_embedder"] == (fp32, fp32)
+    assert masters == {fp32}
+    other = runs[1]["fsdp_bf16"][0]
+    mean = (torch.tensor(losses) + torch.tensor(other)) / 2
+    torch.testing.assert_close(mean, torch.tensor(ref[0]), rtol=3e-2, atol=0)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
