@@ -99,6 +99,8 @@ class DataConfig:
     batch_sizes: List[int] = field(default_factory=list)  # optional, one per bucket
     num_workers: int = 2
     prefetch_factor: int = 2
+    pin_memory: bool = False  # page-lock batches in the loader (faster host->GPU copies; costs a copy)
+    worker_timeout_s: float = 0.0  # > 0: raise if a worker produces nothing for this long (stuck storage)
     fps: float = 8.0
     temporal_stride: int = 4  # pixel frames per latent frame (Wan VAE 4; tiny demo codec 1)
     spatial_multiple: int = 16  # bucket height/width must be multiples (VAE 8 x patch 2)
@@ -221,6 +223,7 @@ def validate(cfg: DataConfig, root: str = "data") -> DataConfig:
             _num(f"{root}.batch_sizes[{i}]", v, 1, integer=True)
     _num(f"{root}.num_workers", cfg.num_workers, 0, integer=True)
     _num(f"{root}.prefetch_factor", cfg.prefetch_factor, 1, integer=True)
+    _num(f"{root}.worker_timeout_s", cfg.worker_timeout_s, 0)
     _num(f"{root}.fps", cfg.fps)
     if cfg.fps <= 0:
         raise _err(f"{root}.fps", f"must be > 0, got {cfg.fps}")

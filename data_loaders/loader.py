@@ -123,6 +123,8 @@ class VideoLoader:
             persistent_workers=True,
             prefetch_factor=self.cfg.prefetch_factor,
             in_order=True,
+            pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
+            timeout=float(self.cfg.worker_timeout_s),
             collate_fn=_identity,  # items are finished batches; keep tuples/lists exactly as built
         )
         return iter(self._dl)
