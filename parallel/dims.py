@@ -142,14 +142,17 @@ class ParallelDims:
                 f"cp {self.cp} x tp {self.tp}")
 
 
-def init_distributed(cfg: ParallelConfig) -> ParallelDims:
+def init_distributed(cfg: ParallelConfig, model_cfg=None) -> ParallelDims:
     """Initialise the process group from the torchrun environment (a no-op for one process).
 
-    The layout is checked against ``WORLD_SIZE`` before the process group or any device memory is touched."""
+    The layout is checked against ``WORLD_SIZE`` (and against ``model_cfg``, a ``DiTConfig``, when given:
+    heads divisible by tp, ...) before the process group or any device memory is touched."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dims = ParallelDims.from_config(cfg, world, rank, local_rank)
+    if model_cfg is not None:
+        dims.check_model(model_cfg)
     if torch.cuda.is_available():
         dims.device = torch.device("cuda", local_rank)
         torch.cuda.set_device(dims.device)

@@ -42,6 +42,23 @@ def tp_sharded_params(model: torch.nn.Module) -> set[int]:
     return ids
 
 
+def check_compatible(expected: dict, loaded: dict) -> None:
+    """One ``CheckpointError`` line when a model state dict does not fit the model (other model config)."""
+    from lcv_train.errors import CheckpointError
+
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the model: {len(missing)} missing tensors (e.g. "
+                              f"{missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]}); "
+                              "was it saved with another model config?")
+    for k, v in expected.items():
+        a, b = tuple(getattr(v, "shape", ())), tuple(getattr(loaded[k], "shape", ()))
+        if a != b:
+            raise CheckpointError(f"checkpoint does not match the model: {k} has shape {list(b)} in the "
+                                  f"checkpoint but {list(a)} in the model (was it saved with another model config?)")
+
+
 class TorchEngine:
     """Plain PyTorch (one process), FSDP2/HSDP (the model arrives sharded by ``parallelize_model``), and
     tensor parallel (``tp_group``: the gradient norm then adds up the TP-split parameters across TP ranks
@@ -97,6 +114,7 @@ class TorchEngine:
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, sd: dict) -> None:
+        check_compatible(get_model_state_dict(self.model), sd["model"])
         set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
     def full_model_state_dict(self) -> dict:

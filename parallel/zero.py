@@ -134,11 +134,10 @@ class ZeroEngine:
     def load_state_dict(self, sd: dict) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        missing = [n for n, _ in self._named_params() if n not in sd["model"]]
-        if missing:
-            from lcv_train.errors import CheckpointError
+        from parallel.engine import check_compatible
 
-            raise CheckpointError(f"checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]!r}")
+        check_compatible({n: torch.empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta")
+                          for n, p in self._named_params()}, sd["model"])
         states = sd.get("optim", {}).get("state", {})
         step = int(sd.get("optim", {}).get("step", 0))
         if states:

@@ -89,3 +89,35 @@ def test_peak_flops_table():
     assert peak_flops_by_name("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops_by_name("NVIDIA H200") == 989e12
     assert peak_flops("cpu") > 0
+
+
+def test_checkpoint_from_other_model_config_is_one_line():
+    import torch
+
+    from lcv_train.errors import CheckpointError
+    from lcv_train.model.dit import LongCatDiT
+    from parallel import TorchEngine
+
+    def engine(**kw):
+        m = LongCatDiT.from_preset("tiny", **kw)
+        return TorchEngine(m, torch.optim.AdamW(m.parameters()))
+
+    saved = engine(hidden_size=128).state_dict()
+    with pytest.raises(CheckpointError) as e:
+        engine().load_state_dict(saved)
+    assert "\n" not in str(e.value) and "another model config" in str(e.value)
+    saved = engine(depth=3).state_dict()
+    with pytest.raises(CheckpointError) as e:
+        engine().load_state_dict(saved)
+    assert "unexpected" in str(e.value)
+    e2 = engine()
+    e2.load_state_dict(engine().state_dict())  # same config loads
+
+
+def test_init_distributed_checks_the_model_first(monkeypatch):
+    from parallel import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as e:  # raised before any process group exists
+        init_distributed(ParallelConfig(tp=2, dp_shard=1), preset("tiny", num_heads=1, hidden_size=64))
+    assert str(e.value).startswith("parallel.tp:")
