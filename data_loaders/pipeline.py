@@ -192,6 +192,10 @@ class _Stream:
     def _next_raw(self) -> Optional[tuple[dict[str, Any], tuple[int, int, int, int]]]:
         units = self.units()
         while self.unit_pos < len(units):
+            count = units[self.unit_pos].count
+            if self._it is None and count is not None and self.in_unit >= count:
+                self.unit_pos, self.in_unit = self.unit_pos + 1, 0  # restored right after its last sample
+                continue
             if self._it is None:
                 self._it = iter_unit(self.r.sub_unit(units[self.unit_pos], self.in_unit))
             try:

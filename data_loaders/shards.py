@@ -306,6 +306,8 @@ def iter_unit(unit: Unit) -> Iterator[dict[str, Any]]:
     A shard that ends early or is corrupt raises :class:`TruncatedShard` after the good samples,
     carrying how many samples the index promised but the shard did not deliver.
     """
+    if unit.count is not None and unit.count <= 0:
+        return
     got = 0
     stream = None
     close_error: Optional[BaseException] = None
