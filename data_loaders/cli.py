@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--shard-size", default="1GB")
     a.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"))
     a.add_argument("--config-dir", default=None, help="the conf/ dir (default: the installed conf package)")
+    a.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
+                   help="this process's share (default $RANK); with --world-size > 1 it writes OUT/part-RANK")
+    a.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
     a.add_argument("overrides", nargs="*", help="vae=<name> text_encoder=<name> [vae.path=...] ...")
 
     a = sub.add_parser("stats", help="counts by bucket, subset, media; skip reasons; metadata ranges")
@@ -117,7 +121,9 @@ def _run(args: argparse.Namespace) -> int:
 
         data = replace(d, buckets=args.buckets or d.buckets, fps=args.fps or d.fps, batch_size=args.batch_size,
                        spatial_multiple=max(1, int(getattr(codec, "spatial_stride", 1))))
-        summary = encode_shards(args.shards, args.out, codec, text, data, args.shard_size, args.dtype, args.num_workers)
+        out = args.out if args.world_size <= 1 else os.path.join(args.out, f"part-{args.rank:05d}")
+        summary = encode_shards(args.shards, out, codec, text, data, args.shard_size, args.dtype, args.num_workers,
+                                rank=args.rank, world_size=args.world_size)
         print(f"encoded {summary['written']} samples into {summary['shards']} shards; index {summary['index']}")
         return 0
     raise AssertionError(args.cmd)

@@ -44,10 +44,14 @@ def encode_shards(
     dtype: str = "fp16",
     num_workers: int = 1,
     progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Encode every usable sample of ``shards`` once (bucket and temporal crop as in epoch 0).
 
-    ``data`` supplies buckets, fps and batch size (shuffling, tasks and epochs are overridden).
+    ``data`` supplies buckets, fps and batch size (shuffling, tasks and epochs are overridden). With
+    ``world_size`` > 1, process ``rank`` encodes its exact share (the training split: every sample in
+    exactly one share) into its own ``out_dir``; list all the output dirs in ``data.shards``.
     """
     if dtype not in ("fp16", "fp32"):
         raise ValueError(f"--dtype {dtype!r}: choose fp16 or fp32")
@@ -58,7 +62,7 @@ def encode_shards(
     validate(cfg)
     if os.path.exists(os.path.join(out_dir, INDEX_NAME)):
         os.remove(os.path.join(out_dir, INDEX_NAME))
-    loader = VideoLoader(cfg, 0, 1, 0)
+    loader = VideoLoader(cfg, rank, world_size, 0)
     loader.plan.with_meta = True
     writer = ShardSetWriter(out_dir, "latent", shard_size, extra={
         "encode": {"source": [str(s) for s in shards], "codec": type(codec).__name__,

@@ -151,6 +151,19 @@ def test_encode_then_train_on_latents(syn_dir, tmp_path):
     assert len(keys) == 64 and len(set(keys)) == 64
 
 
+def test_encode_split_over_processes(syn_dir, tmp_path):
+    from data_loaders.encode import encode_shards
+
+    data = DataConfig(buckets=[[9, 32, 32], [1, 32, 32]], batch_size=4, fps=8.0)
+    outs = [str(tmp_path / f"part{r}") for r in range(2)]
+    written = [encode_shards([syn_dir], outs[r], _FakeCodec(), _FakeText(), data, num_workers=0, rank=r, world_size=2)["written"]
+               for r in range(2)]
+    assert sum(written) == 64 and min(written) > 0
+    cfg = DataConfig(shards=outs, buckets=[[9, 32, 32], [1, 32, 32]], batch_size=8, num_workers=0, epochs=1)
+    keys = [k for b in build_loader(cfg, 0, 1, 0) for k in b["keys"]]
+    assert len(keys) == 64 and len(set(keys)) == 64
+
+
 def test_encode_cli_with_standins(syn_dir, tmp_path, capsys):
     pytest.importorskip("lcv_train.encoders")
     if not os.path.exists(os.path.join(REPO, "conf", "vae", "pixel.yaml")):
