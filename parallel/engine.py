@@ -118,10 +118,21 @@ class TorchEngine:
         set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
     def full_model_state_dict(self) -> dict:
-        """Unsharded model weights on CPU, on rank 0 (others get ``{}``; collective under FSDP: call on every
-        rank). Under tensor parallel
-        the TP-split weights come back in their local (per-TP-rank) form; see ``parallel.tensor_parallel``."""
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        """Unsharded model weights in the published layout, on CPU, on rank 0 (others get ``{}``; collective:
+        call on every rank). Under tensor parallel the TP shards are gathered and un-permuted too."""
+        if self.tp_group is None:
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        from parallel.tensor_parallel import full_state_dict_from_tp
+
+        local = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        full = full_state_dict_from_tp(local, _config_of(self.model), self.tp_group)
+        return {k: v.cpu() for k, v in full.items()} if dist.get_rank() == 0 else {}
+
+
+def _config_of(model):
+    from parallel.fsdp import unwrap
+
+    return unwrap(model).config
 
 
 def build_engine(model: torch.nn.Module, optimizer_cfg, dims, cfg, grad_clip: float = 1.0, *,

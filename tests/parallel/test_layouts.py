@@ -50,14 +50,8 @@ def _run_layout(layout):
     engine = build_engine(model, opt, dims, cfg, grad_clip=L.GRAD_CLIP)
     n = L.GLOBAL_BATCH // dims.dp_size
     losses, norms = L.train(engine, L.make_batches(), dims.dp_rank * n, (dims.dp_rank + 1) * n)
-    if dims.tp > 1:
-        from parallel.tensor_parallel import full_state_dict_from_tp
-
-        assert dist.get_world_size(dims.group("tp")) == dims.tp
-        full = full_state_dict_from_tp({k: v.detach() for k, v in model.state_dict().items()}, model.config,
-                                       dims.group("tp"))
-    else:
-        full = engine.full_model_state_dict()
+    assert dims.tp == 1 or dist.get_world_size(dims.group("tp")) == dims.tp
+    full = engine.full_model_state_dict()  # TP shards reassembled into the published layout
     if layout.get("name") in ("fsdp", "zero2", "zero3"):
         _check_state_roundtrip(engine, dims, cfg, opt, n)
     return losses, norms, full, dims.dp_rank
@@ -151,7 +145,10 @@ def test_bf16_mixed_precision_policy(runs, ref):
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_two_ranks_match_single_process(name, runs, ref):
-    results = [r[name] for r in runs]
+    _compare([r[name] for r in runs], ref)
+
+
+def _compare(results, ref):
     for r in results:
         assert not isinstance(r, str), r
     ref_losses, ref_norms, ref_sd = ref
@@ -165,6 +162,22 @@ def test_two_ranks_match_single_process(name, runs, ref):
     assert set(sd) == set(ref_sd)
     for k, v in ref_sd.items():
         torch.testing.assert_close(sd[k].float(), v, rtol=0, atol=PARAM_ATOL, msg=lambda m: f"{k}: {m}")
-    if name == "tp2":  # the reassembled weights are identical on both TP ranks
-        for k, v in sd.items():
-            torch.testing.assert_close(v, results[1][2][k], rtol=0, atol=0)
+
+
+
+LAYOUTS_4 = {
+    "fsdp2_tp2": dict(name="fsdp_tp2", engine="fsdp", tp=2),  # dp_shard 2 x tp 2
+    "hsdp2_cp2": dict(name="hsdp_cp2", engine="fsdp", dp_replicate=2, cp=2),  # replicate 2 x cp 2
+    "fsdp2_cp2_ac": dict(name="fsdp_cp2", engine="fsdp", cp=2, activation_checkpointing=2),  # dp_shard 2 x cp 2
+}
+
+
+@pytest.fixture(scope="module")
+def runs4():
+    return run_ranks(_worker, 4, LAYOUTS_4)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS_4))
+def test_four_ranks_match_single_process(name, runs4, ref):
+    """Two parallel dims at once on 4 processes (2 cores: slow but small)."""
+    _compare([r[name] for r in runs4], ref)
