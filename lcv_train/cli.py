@@ -31,7 +31,13 @@ def run(cfg: DictConfig) -> dict:
 
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     train_cfg = train_config_from_dict(container)
-    return Trainer(train_cfg, container).fit()
+    try:
+        return Trainer(train_cfg, container).fit()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _mean(xs):

@@ -71,6 +71,10 @@ class Trainer:
         self.dims = init_distributed(cfg.parallel)
         self.rank = self.dims.rank
         self.device = _pick_device(cfg.trainer.device, self.dims)
+        if dist.is_initialized():  # every rank uses rank 0's run name (a timestamp default can differ)
+            name = [cfg.run.name]
+            dist.broadcast_object_list(name, src=0)
+            cfg.run.name = name[0]
         self.run_dir = Path(cfg.run.root).expanduser() / cfg.run.name
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
