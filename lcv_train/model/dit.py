@@ -111,8 +111,9 @@ class SelfAttention(nn.Module):
                 cache_mode: str | None):
         """x ``[B, T, S, C]`` (local tokens); cos/sin ``[T(_full), S, hd/2]`` for the frames of ``x`` —
         when reading a cache, cos/sin cover condition frames first, then the frames of ``x``."""
-        B, T, S, C = x.shape
-        q, k, v = self.qkv(x).view(B, T * S, 3, self.heads, C // self.heads).unbind(2)
+        B, T, S, _ = x.shape
+        # Head dim from the projection's width, so ``heads`` may be a per-rank count under tensor parallel.
+        q, k, v = self.qkv(x).view(B, T * S, 3, self.heads, -1).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
         if cache_mode == "write":
             cache.k, cache.v = k, v
@@ -132,7 +133,7 @@ class SelfAttention(nn.Module):
                 out_c = op.self_attention(q[:, :n], k[:, :n], v[:, :n], cgrid, cgrid)
                 out_n = op.self_attention(q[:, n:], k, v, ngrid, grid)
                 out = torch.cat([out_c, out_n], dim=1)
-        return self.proj(out.reshape(B, T, S, C))
+        return self.proj(out.reshape(B, T, S, -1))
 
 
 class CrossAttention(nn.Module):
@@ -146,12 +147,11 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x, y, key_mask, op: AttentionOp):
-        B, T, S, C = x.shape
-        hd = C // self.heads
-        q = self.q_norm(self.q_linear(x).view(B, T * S, self.heads, hd))
-        k, v = self.kv_linear(y).view(B, y.shape[1], 2, self.heads, hd).unbind(2)
+        B, T, S, _ = x.shape
+        q = self.q_norm(self.q_linear(x).view(B, T * S, self.heads, -1))
+        k, v = self.kv_linear(y).view(B, y.shape[1], 2, self.heads, -1).unbind(2)
         k = self.k_norm(k)
-        return self.proj(op.cross_attention(q, k, v, key_mask).reshape(B, T, S, C))
+        return self.proj(op.cross_attention(q, k, v, key_mask).reshape(B, T, S, -1))
 
 
 class FeedForward(nn.Module):
