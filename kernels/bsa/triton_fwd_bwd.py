@@ -167,11 +167,18 @@ def _bsa_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QVALID, KVALID, QIDS, 
 
 
 def _meta(x: torch.Tensor):
+    """Tile sizes (one 3D block per tile, padded to a power of 2 >= 16) and launch options.
+
+    fp32 inputs use exact ("ieee") dots and a single pipeline stage so that 64x128 fp32 tiles stay within
+    shared memory; 16-bit inputs use two stages. Not autotuned yet (no GPU was available when written).
+    """
     B, n, bs, H, D = x.shape
     block_m = max(16, triton.next_power_of_2(bs))
     block_d = max(16, triton.next_power_of_2(D))
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    return block_m, block_d, prec
+    fp32 = x.dtype == torch.float32
+    prec = "ieee" if fp32 else "tf32"  # input_precision is ignored for 16-bit inputs
+    launch = {"num_warps": 8 if block_d >= 128 and block_m >= 64 else 4, "num_stages": 1 if fp32 else 2}
+    return block_m, block_d, prec, launch
 
 
 def _strides(x: torch.Tensor):
@@ -208,12 +215,12 @@ class BlockAttentionTriton(torch.autograd.Function):
         kv_count = kv_count.to(torch.int32).contiguous()
         out = torch.empty_like(qb)
         lse = torch.empty(B, H, nq, bs, dtype=torch.float32, device=qb.device)
-        block_m, block_d, prec = _meta(qb)
+        block_m, block_d, prec, launch = _meta(qb)
         _bsa_fwd_kernel[(nq, B * H)](
             qb, kb, vb, out, lse, qv, kvl, kv_index, kv_count, scale * LOG2E,
             *_strides(qb), *_strides(kb), *_strides(vb), *_strides(out),
             H, nq, kv_index.shape[-1], bs, D,
-            BLOCK_M=block_m, BLOCK_D=block_d, PREC=prec)
+            BLOCK_M=block_m, BLOCK_D=block_d, PREC=prec, **launch)
         ctx.save_for_backward(qb, kb, vb, qv, kvl, kv_index, kv_count, out, lse)
         ctx.scale = scale
         return out, lse
@@ -230,7 +237,7 @@ class BlockAttentionTriton(torch.autograd.Function):
             # lse = -inf (empty row) is constant: ignore its incoming gradient (may be NaN from a merge).
             delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(lse))
         delta = delta.contiguous()
-        block_m, block_d, prec = _meta(qb)
+        block_m, block_d, prec, launch = _meta(qb)
         dq = torch.empty_like(qb)
         dk = torch.empty_like(kb)
         dv = torch.empty_like(vb)
@@ -238,7 +245,7 @@ class BlockAttentionTriton(torch.autograd.Function):
             qb, kb, vb, dout, dq, lse, delta, qv, kvl, kv_index, kv_count, scale,
             *_strides(qb), *_strides(kb), *_strides(vb),
             H, nq, kv_index.shape[-1], bs, D,
-            BLOCK_M=block_m, BLOCK_D=block_d, PREC=prec)
+            BLOCK_M=block_m, BLOCK_D=block_d, PREC=prec, **launch)
         q_ids, q_off, q_cnt = build_reverse_map(kv_index, kv_count, nk)
         if q_ids.numel() == 0:  # keep a valid pointer for the kernel
             q_ids = torch.zeros(1, dtype=torch.int32, device=qb.device)
@@ -246,7 +253,7 @@ class BlockAttentionTriton(torch.autograd.Function):
             qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt, scale,
             *_strides(qb), *_strides(kb), *_strides(vb),
             H, nq, nk, bs, D,
-            BLOCK_M=block_m, BLOCK_D=block_d, PREC=prec)
+            BLOCK_M=block_m, BLOCK_D=block_d, PREC=prec, **launch)
         return dq, dk, dv, None, None, None, None, None
 
 
