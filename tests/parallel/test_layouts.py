@@ -51,6 +51,10 @@ def _run_layout(layout):
     n = L.GLOBAL_BATCH // dims.dp_size
     losses, norms = L.train(engine, L.make_batches(), dims.dp_rank * n, (dims.dp_rank + 1) * n)
     assert dims.tp == 1 or dist.get_world_size(dims.group("tp")) == dims.tp
+    if cfg.compile:
+        from torch._dynamo.utils import counters
+
+        assert counters["stats"]["unique_graphs"] > 0, "torch.compile compiled nothing"
     full = engine.full_model_state_dict()  # TP shards reassembled into the published layout
     if layout.get("name") in ("fsdp", "zero2", "zero3"):
         _check_state_roundtrip(engine, dims, cfg, opt, n)
@@ -181,3 +185,11 @@ def runs4():
 def test_four_ranks_match_single_process(name, runs4, ref):
     """Two parallel dims at once on 4 processes (2 cores: slow but small)."""
     _compare([r[name] for r in runs4], ref)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LCV_TEST_COMPILE") != "1",
+                    reason="inductor on 2 CPU cores takes ~1 min: set LCV_TEST_COMPILE=1")
+def test_fsdp2_checkpointing_compile_matches_single(ref):
+    layout = {"fsdp_ac2_compile": dict(name="fsdp", engine="fsdp", activation_checkpointing=2, compile=True)}
+    _compare([r["fsdp_ac2_compile"] for r in run_ranks(_worker, 2, layout)], ref)
