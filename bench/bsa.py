@@ -49,6 +49,10 @@ def machine_description(device: str) -> str:
         except OSError:
             pass
         hw += f", {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        try:
+            hw += f", load average {os.getloadavg()[0]:.1f} at the end (machine shared with other jobs)"
+        except OSError:
+            pass
     return f"{hw}; torch {torch.__version__}; {datetime.date.today().isoformat()}"
 
 
@@ -155,8 +159,11 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.9375)
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 GPU, 2 CPU)")
     ap.add_argument("--shapes", nargs="*", default=None, help="subset of 480p 720p (GPU) / 16k (CPU)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = args.device
     if device == "cuda":
@@ -175,8 +182,15 @@ def main(argv=None):
     out = table(rows, machine_description(device), args.sparsity)
     print(out)
     if not args.no_write:
-        sub = "GPU (Triton backend vs dense)" if device == "cuda" else "CPU (torch backend vs SDPA)"
-        write_results(sub, out)
+        gpu_sub = "GPU (Triton backend vs dense)"
+        if device == "cuda":
+            write_results(gpu_sub, out)
+        else:
+            write_results(f"CPU (torch backend vs SDPA), {torch.get_num_threads()} thread(s)", out)
+            if gpu_sub not in open(RESULTS).read():
+                write_results(gpu_sub, "Not measured yet: no GPU was available when this was written. Run "
+                              "`python bench/bsa.py` on a GPU machine (480p 24x30x52 and 720p 24x45x80 latents, "
+                              "H=32, D=128, bf16, sparsity 0.9375, Triton BSA vs flash-attn/SDPA) to fill this in.")
         print(f"updated {RESULTS}")
 
 

@@ -1,7 +1,8 @@
 """Triton forward and backward of block attention over selected key blocks.
 
 Imported lazily (only when the Triton backend is used), so ``import kernels.bsa`` never imports triton.
-Set ``TRITON_INTERPRET=1`` before this module is first imported to run the kernels on CPU tensors.
+To run the kernels on CPU tensors set ``TRITON_INTERPRET=1`` before triton is first imported in the process
+(triton decorates its own ``tl.max``/``tl.sum`` helpers at import time, reading the variable then).
 
 Layout: ``qb/kb/vb/out [B, n, bs, H, D]`` (contiguous), ``lse/delta [B, H, nq, bs]`` fp32,
 ``kv_index [B, H, nq, K] int32``, ``kv_count [B, H, nq] int32``, ``q_valid/k_valid [n, bs] uint8``.
@@ -17,6 +18,10 @@ Layout: ``qb/kb/vb/out [B, n, bs, H, D]`` (contiguous), ``lse/delta [B, H, nq, b
 
 Rows with no key (``kv_count == 0`` or padded query slots) give out = 0, lse = -inf and zero gradients.
 Key block ids within the first ``kv_count`` slots must be distinct (selection guarantees it).
+
+Known limits: validated under the interpreter only so far (no GPU when written), launch options are fixed,
+not autotuned; a key block chosen by very many query blocks makes its dk/dv program long (load imbalance;
+a split with atomic adds would fix it if it shows up in profiles).
 """
 
 from __future__ import annotations
