@@ -98,8 +98,9 @@ class BlockAttentionTorch(torch.autograd.Function):
         qh = qb.permute(0, 3, 1, 2, 4).contiguous()
         kh, vh = _heads_first(kb), _heads_first(vb)
         doh = dout.permute(0, 3, 1, 2, 4).contiguous()  # [B, H, nq, bs, D]
+        need_kv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         dq = torch.zeros(B, H, nq, bs, D, dtype=torch.float32, device=qb.device)
-        dk = torch.zeros(B * H * nk, bs, D, dtype=torch.float32, device=qb.device)
+        dk = torch.zeros(B * H * nk if need_kv else 0, bs, D, dtype=torch.float32, device=qb.device)
         dv = torch.zeros_like(dk)
         for c0 in range(0, nq, chunk):
             c1 = min(nq, c0 + chunk)
@@ -130,9 +131,12 @@ class BlockAttentionTorch(torch.autograd.Function):
             vt = vg.reshape(-1, K * bs, D).transpose(1, 2)
             ds = torch.baddbmm(-delta.reshape(-1, bs, 1), do.reshape(-1, bs, D), vt).view(B, H, c, bs, K * bs).mul_(p)
             dq[:, :, c0:c1] = torch.matmul(ds, kg).mul_(scale)
-            dk.index_add_(0, flat, torch.matmul(ds.transpose(-1, -2), qs).reshape(-1, bs, D))
-            dv.index_add_(0, flat, torch.matmul(p.transpose(-1, -2), do).reshape(-1, bs, D))
+            if need_kv:
+                dk.index_add_(0, flat, torch.matmul(ds.transpose(-1, -2), qs).reshape(-1, bs, D))
+                dv.index_add_(0, flat, torch.matmul(p.transpose(-1, -2), do).reshape(-1, bs, D))
         dq = dq.permute(0, 2, 3, 1, 4).to(qb.dtype)
+        if not need_kv:
+            return dq, None, None, None, None, None, None, None, None
         dk = dk.view(B, H, nk, bs, D).permute(0, 2, 3, 1, 4).to(kb.dtype)
         dv = dv.view(B, H, nk, bs, D).permute(0, 2, 3, 1, 4).to(vb.dtype)
         return dq, dk, dv, None, None, None, None, None, None

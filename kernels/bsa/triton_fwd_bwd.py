@@ -244,16 +244,18 @@ class BlockAttentionTriton(torch.autograd.Function):
         delta = delta.contiguous()
         block_m, block_d, prec, launch = _meta(qb)
         dq = torch.empty_like(qb)
-        dk = torch.empty_like(kb)
-        dv = torch.empty_like(vb)
         _bsa_bwd_dq_kernel[(nq, B * H)](
             qb, kb, vb, dout, dq, lse, delta, qv, kvl, kv_index, kv_count, scale,
             *_strides(qb), *_strides(kb), *_strides(vb),
             H, nq, kv_index.shape[-1], bs, D,
             BLOCK_M=block_m, BLOCK_D=block_d, PREC=prec, **launch)
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return dq, None, None, None, None, None, None, None
         q_ids, q_off, q_cnt = build_reverse_map(kv_index, kv_count, nk)
         if q_ids.numel() == 0:  # keep a valid pointer for the kernel
             q_ids = torch.zeros(1, dtype=torch.int32, device=qb.device)
+        dk = torch.empty_like(kb)
+        dv = torch.empty_like(vb)
         _bsa_bwd_dkdv_kernel[(nk, B * H)](
             qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt, scale,
             *_strides(qb), *_strides(kb), *_strides(vb),

@@ -566,3 +566,17 @@ def test_torch_sharded_keys_merge():
 
 def test_triton_sharded_keys_merge(triton_device):
     check_sharded_keys("triton", triton_device)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_grad_only_for_queries(backend, request):
+    """Frozen K/V (e.g. cached condition keys): only dq is computed, and it is the same."""
+    device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
+    qb, kb, vb, qv, kv, idx, cnt = _blocked_case(torch.float32, device, seed=9)
+    qa = qb.clone().requires_grad_()
+    o, _ = block_attention(qa, kb, vb, qv, kv, idx, cnt, backend=backend)
+    o.sum().backward()
+    qr, kr = qb.clone().requires_grad_(), kb.clone().requires_grad_()
+    o2, _ = block_attention(qr, kr, vb, qv, kv, idx, cnt, backend=backend)
+    o2.sum().backward()
+    assert kb.grad is None and torch.equal(qa.grad, qr.grad)
