@@ -1,8 +1,8 @@
 """Flow matching (training targets, timestep sampling, loss) with LongCat's sign convention."""
 
-from lcv_train.diffusion.flow_matching import (FlowMatchingConfig, TrainingInputs, add_noise, flow_matching_loss,
-                                               make_training_inputs, sample_sigmas, shift_for_tokens, shift_sigma,
+from lcv_train.diffusion.flow_matching import (FlowMatchingConfig, TrainingInputs, add_noise, drop_text,
+                                               flow_matching_loss, make_training_inputs, null_text, sample_sigmas, shift_for_tokens, shift_sigma,
                                                velocity_target)
 
-__all__ = ["FlowMatchingConfig", "TrainingInputs", "add_noise", "flow_matching_loss", "make_training_inputs",
+__all__ = ["FlowMatchingConfig", "TrainingInputs", "add_noise", "drop_text", "null_text", "flow_matching_loss", "make_training_inputs",
            "sample_sigmas", "shift_for_tokens", "shift_sigma", "velocity_target"]

@@ -28,6 +28,8 @@ class FlowMatchingConfig:
     # Diffusion-forcing style noise on condition frames against colour drift (SPEC section 2):
     # sigma_cond ~ U(0, cond_noise_max); their timestep stays 0, as at inference.
     cond_noise_max: float = 0.0
+    # Probability of training a sample on the null text (what classifier-free guidance contrasts with).
+    text_dropout: float = 0.1
 
     def validate(self, prefix: str = "diffusion") -> "FlowMatchingConfig":
         def need(ok, key, what):
@@ -39,6 +41,7 @@ class FlowMatchingConfig:
         need(0 < self.shift_tokens_min <= self.shift_tokens_max, "shift_tokens_min",
              "must satisfy 0 < shift_tokens_min <= shift_tokens_max")
         need(0.0 <= self.cond_noise_max < 1.0, "cond_noise_max", f"must be in [0, 1), got {self.cond_noise_max}")
+        need(0.0 <= self.text_dropout <= 1.0, "text_dropout", f"must be in [0, 1], got {self.text_dropout}")
         return self
 
 
@@ -101,3 +104,23 @@ def make_training_inputs(x0: torch.Tensor, num_cond: int, cfg: FlowMatchingConfi
 def flow_matching_loss(v_pred: torch.Tensor, target: torch.Tensor, num_cond: int) -> torch.Tensor:
     """MSE over the noisy frames only; ``v_pred`` covers all frames, ``target`` the noisy ones."""
     return torch.mean((v_pred[:, :, num_cond:].float() - target.float()) ** 2)
+
+
+def null_text(text: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unconditional text: one all-zero token (the model's cross-attention needs one key)."""
+    B, L = text.shape[:2]
+    null_mask = torch.zeros(B, L, dtype=torch.bool, device=text.device)
+    null_mask[:, 0] = True
+    return torch.zeros_like(text), null_mask
+
+
+def drop_text(text: torch.Tensor, mask: torch.Tensor | None, p: float, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each sample's text by ``null_text`` with probability ``p``."""
+    if mask is None:
+        mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+    if p <= 0:
+        return text, mask
+    drop = torch.rand(text.shape[0], generator=generator, device=text.device) < p
+    nt, nm = null_text(text, mask)
+    return torch.where(drop[:, None, None], nt, text), torch.where(drop[:, None], nm, mask)

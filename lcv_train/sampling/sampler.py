@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lcv_train.diffusion.flow_matching import shift_sigma
+from lcv_train.diffusion.flow_matching import null_text, shift_sigma
 
 
 @dataclass
@@ -43,7 +43,7 @@ def sample(model, text, text_mask, latent_shape, cfg: SamplerConfig, *, neg_text
     """Generate latents ``[B, C, T, H, W]`` for the noisy frames (condition frames not included).
 
     ``latent_shape`` is (C, T, H, W) of the frames to generate; ``cond_latents`` (I2V: 1 frame, VC: k)
-    precede them. ``neg_text`` defaults to all-zero text (the unconditional branch) when guidance != 1.
+    precede them. ``neg_text`` defaults to the null text that training's text dropout uses when guidance != 1.
     """
     B = text.shape[0]
     device = text.device
@@ -51,10 +51,7 @@ def sample(model, text, text_mask, latent_shape, cfg: SamplerConfig, *, neg_text
     cache = model.encode_condition(cond_latents) if cond_latents is not None else None
     use_cfg = cfg.guidance != 1.0
     if use_cfg and neg_text is None:
-        neg_text = torch.zeros_like(text)
-        neg_mask = torch.zeros_like(text_mask) if text_mask is not None else None
-        if neg_mask is not None:
-            neg_mask[:, 0] = True  # one (zero) token, so attention has a key
+        neg_text, neg_mask = null_text(text, text_mask)  # what training's text dropout uses
     sigmas = sigma_schedule(cfg.steps, cfg.shift, device)
     for i in range(cfg.steps):
         s, s_next = sigmas[i], sigmas[i + 1]

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from lcv_train.diffusion import flow_matching_loss, make_training_inputs
+from lcv_train.diffusion import drop_text, flow_matching_loss, make_training_inputs
 from lcv_train.stages.base import Stage, StageBatch
 
 
@@ -25,6 +25,7 @@ class FlowMatchingStage(Stage):
         T, H, W = x0.shape[2:]
         noisy_tokens = (T - batch.num_cond) * (H * W) // math.prod(self.patch_size[1:])
         inputs = make_training_inputs(x0, batch.num_cond, self.diffusion, noisy_tokens, generator)
-        v = model(inputs.noisy, inputs.timestep, batch.text, batch.text_mask, num_cond_latents=batch.num_cond)
+        text, mask = drop_text(batch.text, batch.text_mask, self.diffusion.text_dropout, generator)
+        v = model(inputs.noisy, inputs.timestep, text, mask, num_cond_latents=batch.num_cond)
         loss = flow_matching_loss(v, inputs.target, batch.num_cond)
         return loss, {"sigma_mean": float(inputs.sigma.mean())}

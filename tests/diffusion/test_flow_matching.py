@@ -117,3 +117,16 @@ def test_sigma_schedule_and_guidance():
     # CFG-Zero*: the unconditional branch is projected onto the conditional one.
     st = (vc * vu).sum((1, 2), keepdim=True) / (vu * vu).sum((1, 2), keepdim=True)
     torch.testing.assert_close(guided_velocity(vc, vu, 4.0, True), st * vu + 4 * (vc - st * vu))
+
+
+def test_text_dropout_replaces_whole_samples_by_the_null_text():
+    from lcv_train.diffusion import drop_text, null_text
+
+    text, mask = torch.randn(64, 5, 8), torch.ones(64, 5, dtype=torch.bool)
+    t2, m2 = drop_text(text, mask, 0.25, torch.Generator().manual_seed(0))
+    nt, nm = null_text(text, mask)
+    dropped = (t2 == 0).all(dim=(1, 2))
+    assert 5 <= int(dropped.sum()) <= 30  # ~16 of 64
+    assert torch.equal(m2[dropped], nm[dropped]) and torch.equal(t2[~dropped], text[~dropped])
+    assert nm[:, 0].all() and not nm[:, 1:].any()
+    assert drop_text(text, mask, 0.0)[0] is text
