@@ -581,3 +581,34 @@ def test_grad_only_for_queries(backend, request):
     o2, _ = block_attention(qr, kr, vb, qv, kv, idx, cnt, backend=backend)
     o2.sum().backward()
     assert kb.grad is None and torch.equal(qa.grad, qr.grad)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes_torch(seed, request):
+    """Random latents / blocks / sparsities / condition frames, incl. T = 1 and blocks larger than the latent."""
+    g = torch.Generator().manual_seed(100 + seed)
+
+    def ri(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    latent = (ri(1, 5), ri(1, 7), ri(1, 7))
+    kv_latent = (latent[0] + ri(0, 3), latent[1], latent[2])
+    block = (ri(1, 4), ri(1, 4), ri(1, 4))
+    sparsity = float(torch.rand(1, generator=g))
+    backends = ["torch"] + (["triton"] if seed < 2 else [])
+    for backend in backends:
+        device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
+        run_and_compare(backend, device, torch.float32, latent, kv_latent, block, sparsity, 4.0,
+                        B=ri(1, 2), H=ri(1, 3), D=16)
+
+
+def test_non_contiguous_inputs():
+    """q/k/v as views of a fused qkv tensor (what the model produces)."""
+    latent = (3, 5, 6)
+    S = math.prod(latent)
+    qkv = torch.randn(2, S, 3, 2, 16)
+    q, k, v = qkv.unbind(2)
+    out = block_sparse_attention(q, k, v, latent, block_shape=(2, 2, 2), sparsity=0.5, backend="torch")
+    ref = block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), latent, block_shape=(2, 2, 2),
+                                 sparsity=0.5, backend="torch")
+    torch.testing.assert_close(out, ref)
