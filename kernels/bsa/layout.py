@@ -93,5 +93,6 @@ def pool_blocks(xb: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over the valid tokens of each block: ``xb [B, nb, bs, H, D]`` -> ``[B, H, nb, D]`` fp32."""
     w = valid.to(device=xb.device, dtype=torch.float32)
     w = w / w.sum(dim=1, keepdim=True).clamp_min(1.0)
-    return torch.einsum("bnshd,ns->bhnd", xb.float(), w)
+    with torch.autocast(xb.device.type, enabled=False):  # keep the pooling in fp32 under autocast
+        return torch.einsum("bnshd,ns->bhnd", xb.float(), w)
 

@@ -59,8 +59,19 @@ def _heads_first(xb: torch.Tensor) -> torch.Tensor:
 
 
 class BlockAttentionTorch(torch.autograd.Function):
+    # The math is fp32 by design: autocast (which would run the matmuls in bf16) is switched off inside.
     @staticmethod
     def forward(ctx, qb, kb, vb, q_valid, k_valid, kv_index, kv_count, scale, chunk):
+        with torch.autocast(qb.device.type, enabled=False):
+            return BlockAttentionTorch._forward(ctx, qb, kb, vb, q_valid, k_valid, kv_index, kv_count, scale, chunk)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        with torch.autocast(dout.device.type, enabled=False):
+            return BlockAttentionTorch._backward(ctx, dout, dlse)
+
+    @staticmethod
+    def _forward(ctx, qb, kb, vb, q_valid, k_valid, kv_index, kv_count, scale, chunk):
         B, nq, bs, H, D = qb.shape
         nk = kb.shape[1]
         K = kv_index.shape[-1]
@@ -89,7 +100,7 @@ class BlockAttentionTorch(torch.autograd.Function):
         return out.permute(0, 2, 3, 1, 4), lse
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def _backward(ctx, dout, dlse):
         qb, kb, vb, q_valid, k_valid, kv_index, kv_count, out, lse = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         B, nq, bs, H, D = qb.shape

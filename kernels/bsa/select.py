@@ -30,7 +30,8 @@ def topk_count(sparsity: float, num_kv_blocks: int) -> int:
 
 def block_scores(q_pooled: torch.Tensor, k_pooled: torch.Tensor) -> torch.Tensor:
     """``[B, H, nq, D] x [B, H, nk, D] -> [B, H, nq, nk]`` fp32 dot products of pooled blocks."""
-    return torch.matmul(q_pooled.float(), k_pooled.float().transpose(-1, -2))
+    with torch.autocast(q_pooled.device.type, enabled=False):  # fp32 even under autocast
+        return torch.matmul(q_pooled.float(), k_pooled.float().transpose(-1, -2))
 
 
 @torch.no_grad()

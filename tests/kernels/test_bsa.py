@@ -612,3 +612,19 @@ def test_non_contiguous_inputs():
     ref = block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), latent, block_shape=(2, 2, 2),
                                  sparsity=0.5, backend="torch")
     torch.testing.assert_close(out, ref)
+
+
+def test_autocast_does_not_change_the_math():
+    """Under autocast the pooling, selection and torch-backend attention stay fp32."""
+    latent = (3, 6, 6)
+    q, k, v = make_inputs(1, 108, 108, 2, 16, 1.0, torch.float32, "cpu")  # smooth softmax: bf16 would show
+    qa = q.clone().requires_grad_()
+    ref = block_sparse_attention(qa, k, v, latent, block_shape=(2, 2, 2), sparsity=0.75, backend="torch")
+    ref.sum().backward()
+    qb_ = q.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block_sparse_attention(qb_, k, v, latent, block_shape=(2, 2, 2), sparsity=0.75, backend="torch")
+        out.sum().backward()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(qb_.grad, qa.grad)
