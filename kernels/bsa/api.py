@@ -58,6 +58,9 @@ def block_attention(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, q_vali
         raise ValueError(f"kv_index {tuple(kv_index.shape)} / kv_count {tuple(kv_count.shape)} "
                          f"do not match [B, H, nq] = {(B, H, nq)}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
+    # Mixed dtypes happen under autocast (e.g. fp32 QK-norm outputs next to a bf16 v): compute in q's dtype.
+    kb = kb if kb.dtype == qb.dtype else kb.to(qb.dtype)
+    vb = vb if vb.dtype == qb.dtype else vb.to(qb.dtype)
     if kv_index.shape[-1] == 0:
         kv_index = torch.full((B, H, nq, 1), -1, dtype=torch.int32, device=qb.device)
         kv_count = torch.zeros_like(kv_count)

@@ -628,3 +628,19 @@ def test_autocast_does_not_change_the_math():
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(qb_.grad, qa.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixed_input_dtypes(backend, request):
+    """fp32 q/k (QK-norm output) with an fp16 v: computed in q's dtype, gradients in each input's dtype."""
+    device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
+    latent = (2, 4, 4)
+    q, k, v = make_inputs(1, 32, 32, 2, 16, 1.0, torch.float32, device)
+    v16 = v.half().requires_grad_()
+    qa = q.clone().requires_grad_()
+    out = block_sparse_attention(qa, k, v16, latent, block_shape=(2, 2, 2), sparsity=0.5, backend=backend)
+    out.sum().backward()
+    ref = block_sparse_attention(q, k, v16.detach().float(), latent, block_shape=(2, 2, 2), sparsity=0.5,
+                                 backend="torch")
+    assert out.dtype == torch.float32 and v16.grad.dtype == torch.float16
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
