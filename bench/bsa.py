@@ -89,12 +89,12 @@ def time_fwd_bwd(fn, q, k, v, dout, device):
     return t1 - t0, t2 - t1
 
 
-def bench_shape(name, latent, device, heads, dim, dtype, sparsity, repeats, warmup):
+def bench_shape(name, latent, device, heads, dim, dtype, sparsity, repeats, warmup, backend=None):
     S = math.prod(latent)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, S, heads, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
     dout = torch.randn(1, S, heads, dim, generator=g).to(device=device, dtype=dtype)
-    backend = "triton" if device == "cuda" else "torch"
+    backend = backend or ("triton" if device == "cuda" else "torch")
     dense_name, dense = dense_fn(device)
 
     def bsa(q_, k_, v_):
@@ -159,6 +159,10 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.9375)
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 GPU, 2 CPU)")
     ap.add_argument("--shapes", nargs="*", default=None, help="subset of 480p 720p (GPU) / 16k (CPU)")
+    ap.add_argument("--latent", nargs=3, type=int, default=None, metavar=("T", "H", "W"),
+                    help="one custom latent grid instead of the presets (implies --no-write)")
+    ap.add_argument("--backend", choices=("torch", "triton"), default=None,
+                    help="BSA backend (default triton on GPU, torch on CPU); triton on CPU needs TRITON_INTERPRET=1")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = ap.parse_args(argv)
@@ -173,9 +177,12 @@ def main(argv=None):
         heads, dtype, shapes = args.heads or 2, torch.float32, CPU_SHAPES
         repeats, warmup = args.repeats or 2, 1
     names = args.shapes or list(shapes)
+    if args.latent:
+        shapes, names, args.no_write = {"custom": tuple(args.latent)}, ["custom"], True
     rows = []
     for name in names:
-        r = bench_shape(name, shapes[name], device, heads, args.dim, dtype, args.sparsity, repeats, warmup)
+        r = bench_shape(name, shapes[name], device, heads, args.dim, dtype, args.sparsity, repeats, warmup,
+                        args.backend)
         rows.append(r)
         print(f"{r['shape']}: BSA {r['bsa_fwd']:.0f}+{r['bsa_bwd']:.0f} ms, {r['dense']} "
               f"{r['dense_fwd']:.0f}+{r['dense_bwd']:.0f} ms, speedup {r['speedup']:.2f}x", flush=True)
