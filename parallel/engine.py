@@ -109,13 +109,25 @@ class TorchEngine:
         return norm
 
     def state_dict(self) -> dict:
-        """``{"model", "optim"}`` from ``get_state_dict``: DTensor shards under FSDP (DCP reshards on load)."""
+        """``{"model", "optim"}`` from ``get_state_dict``: DTensor shards under FSDP (DCP reshards on load
+        over any dp/cp layout). Under tensor parallel, TP-split tensors are keyed ``<name>@tp<rank>of<tp>``
+        (see ``parallel.tensor_parallel.tag_tp_keys``) so DCP keeps every TP rank's part: such checkpoints
+        load only with the same tp."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        if self.tp_group is not None:
+            from parallel.tensor_parallel import tag_tp_keys
+
+            model_sd, optim_sd = tag_tp_keys(self.model, model_sd, optim_sd, self.tp_group)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, sd: dict) -> None:
-        check_compatible(get_model_state_dict(self.model), sd["model"])
-        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        model_sd, optim_sd = sd["model"], sd["optim"]
+        if self.tp_group is not None:
+            from parallel.tensor_parallel import untag_tp_keys
+
+            model_sd, optim_sd = untag_tp_keys(self.model, model_sd, optim_sd, self.tp_group)
+        check_compatible(get_model_state_dict(self.model), model_sd)
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
     def full_model_state_dict(self) -> dict:
         """Unsharded model weights in the published layout, on CPU, on rank 0 (others get ``{}``; collective:
@@ -126,7 +138,8 @@ class TorchEngine:
 
         local = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
         full = full_state_dict_from_tp(local, _config_of(self.model), self.tp_group)
-        return {k: v.cpu() for k, v in full.items()} if dist.get_rank() == 0 else {}
+        # copies: without FSDP the full state dict aliases the live parameters
+        return {k: v.detach().to("cpu", copy=True) for k, v in full.items()} if dist.get_rank() == 0 else {}
 
 
 def _config_of(model):

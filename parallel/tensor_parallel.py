@@ -231,3 +231,56 @@ def full_state_dict_from_tp(local_sd: dict[str, torch.Tensor], model_cfg, group)
         restored[order] = full
         out[k] = restored
     return out
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+# DCP treats a plain tensor (or a DTensor chunk) that several ranks hold under the same key as replicated
+# and writes it once. TP-split parameters differ between TP ranks under the same name, so their keys get
+# the TP rank appended; everything else (replicated across TP ranks) keeps its name.
+
+def _clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def tp_split_names(model: nn.Module) -> set[str]:
+    """Clean FQNs of the parameters split across TP ranks."""
+    out = set()
+    for mname, m in model.named_modules():
+        for pname in getattr(m, "tp_sharded_param_names", ()):
+            if getattr(m, pname, None) is not None:
+                out.add(_clean(f"{mname}.{pname}" if mname else pname))
+    return out
+
+
+def _rename(model, model_sd, optim_sd, group, forward: bool):
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    names = tp_split_names(model)
+    suffix = f"@tp{rank}of{tp}"
+    if forward:
+        fix = {n: n + suffix for n in names}
+    else:
+        fix = {n + suffix: n for n in names}
+        stray = [k for k in model_sd if "@tp" in k and k not in fix]
+        if stray or any(k not in model_sd for k in fix):
+            from lcv_train.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint does not match the tensor-parallel layout tp={tp}: expected keys like "
+                                  f"{next(iter(fix), '?')!r}, found {stray[:1] or 'unsplit tensors'} "
+                                  "(load with the tp it was saved with)")
+    model_sd = {fix.get(k, k): v for k, v in model_sd.items()}
+    if optim_sd is not None:
+        optim_sd = dict(optim_sd)
+        optim_sd["state"] = {fix.get(k, k): v for k, v in optim_sd.get("state", {}).items()}
+        optim_sd["param_groups"] = [{**g, "params": [fix.get(k, k) for k in g["params"]]}
+                                    for g in optim_sd.get("param_groups", [])]
+    return model_sd, optim_sd
+
+
+def tag_tp_keys(model: nn.Module, model_sd: dict, optim_sd: dict | None, group):
+    """Rename TP-split entries of ``get_state_dict``'s model and optimizer state dicts to ``<name>@tp<r>of<tp>``."""
+    return _rename(model, model_sd, optim_sd, group, forward=True)
+
+
+def untag_tp_keys(model: nn.Module, model_sd: dict, optim_sd: dict | None, group):
+    """Inverse of ``tag_tp_keys``; a one-line ``CheckpointError`` when the checkpoint's tp differs."""
+    return _rename(model, model_sd, optim_sd, group, forward=False)

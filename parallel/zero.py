@@ -119,6 +119,7 @@ class ZeroEngine:
         """Full fp32 weights and Adam moments by parameter name (collective: call on every rank)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+        self._init_optimizer_state()  # zero moments before the first step, so the structure is always complete
         model, state = {}, {}
         for n, p in self._named_params():
             model[n] = safe_get_full_fp32_param(p).detach().cpu()

@@ -35,7 +35,10 @@ LAYOUTS = {
 }
 
 
-def _run_layout(layout):
+ROUNDTRIP = ("fsdp", "tp2", "zero2", "zero3", "fsdp2_tp2", "hsdp2_cp2")
+
+
+def _run_layout(layout, ckpt_dir=None):
     import torch.distributed as dist
 
     from parallel import ParallelConfig, build_engine, init_distributed, parallelize_model
@@ -56,21 +59,26 @@ def _run_layout(layout):
 
         assert counters["stats"]["unique_graphs"] > 0, "torch.compile compiled nothing"
     full = engine.full_model_state_dict()  # TP shards reassembled into the published layout
-    if layout.get("name") in ("fsdp", "zero2", "zero3"):
-        _check_state_roundtrip(engine, dims, cfg, opt, n)
+    if ckpt_dir is not None:
+        _check_state_roundtrip(engine, dims, cfg, opt, n, ckpt_dir)
     return losses, norms, full, dims.dp_rank
 
 
-def _check_state_roundtrip(engine, dims, cfg, opt, n):
-    """engine.state_dict() loaded into a fresh engine (other initial weights) continues identically."""
+def _check_state_roundtrip(engine, dims, cfg, opt, n, ckpt_dir):
+    """engine.state_dict() saved with DCP and loaded into a fresh engine (other initial weights) continues
+    identically (the state dicts DCP dedups as replicated must really be replicated)."""
+    import torch.distributed.checkpoint as dcp
+
     from parallel import build_engine, parallelize_model
 
-    import copy
-
-    sd = copy.deepcopy(engine.state_dict())  # in memory, the state dict aliases the live optimizer state
+    dcp.save(engine.state_dict(), checkpoint_id=ckpt_dir)
     model2 = parallelize_model(L.make_model(seed=7), dims, cfg)
     opt2 = L.make_optimizer(model2) if cfg.engine == "fsdp" else opt
     engine2 = build_engine(model2, opt2, dims, cfg, grad_clip=L.GRAD_CLIP)
+    if cfg.engine == "fsdp":  # create the optimizer state DCP loads into (the trainer's checkpointer does this too)
+        L.train(engine2, L.make_batches(1, seed=5), 0, 1)
+    sd = engine2.state_dict()
+    dcp.load(sd, checkpoint_id=ckpt_dir)
     engine2.load_state_dict(sd)
     more = L.make_batches(2, seed=99)
     lo, hi = dims.dp_rank * n, (dims.dp_rank + 1) * n
@@ -106,17 +114,32 @@ def _run_bf16_policy(dims, cfg):
     return losses, norms, {k: (str(a), str(b)) for k, (a, b) in seen.items()}, dims.dp_rank, masters
 
 
-def _worker(rank, world, layouts):
+def _worker(rank, world, layouts, ckpt_root=None):
     import traceback
 
     os.environ["DS_ACCELERATOR"] = "cpu"
     out = {}
     for name, layout in layouts.items():
         try:
-            out[name] = _run_layout(layout)
-        except Exception:
-            out[name] = traceback.format_exc()
+            ckpt = os.path.join(ckpt_root, name) if ckpt_root and name in ROUNDTRIP else None
+            out[name] = _run_layout(layout, ckpt)
+        except Exception as e:
+            # the other ranks may be waiting in a collective: fail the whole run (spawn stops them)
+            raise RuntimeError(f"layout {name!r} failed on rank {rank}:\n{traceback.format_exc()}") from e
     return out
+
+
+def _spawn(world, layouts, ckpt_root):
+    try:
+        return run_ranks(_worker, world, layouts, ckpt_root)
+    except RuntimeError as e:
+        return str(e)
+
+
+def _results(runs, name):
+    if isinstance(runs, str):
+        pytest.fail(runs, pytrace=False)
+    return [r[name] for r in runs]
 
 
 @pytest.fixture(scope="module")
@@ -128,28 +151,27 @@ LAYOUTS_EXTRA = {"fsdp_bf16": dict(name="fsdp_bf16", engine="fsdp", mixed_precis
 
 
 @pytest.fixture(scope="module")
-def runs():
-    return run_ranks(_worker, 2, {**LAYOUTS, **LAYOUTS_EXTRA})
+def runs(tmp_path_factory):
+    return _spawn(2, {**LAYOUTS, **LAYOUTS_EXTRA}, str(tmp_path_factory.mktemp("ckpt2")))
 
 
 def test_bf16_mixed_precision_policy(runs, ref):
     """bf16 compute where SPEC allows it, fp32 where it asks for fp32, fp32 master weights; the loss
     stays within bf16 rounding of the fp32 run."""
-    r = runs[0]["fsdp_bf16"]
-    assert not isinstance(r, str), r
-    losses, _, dtypes, _, masters = r
+    both = _results(runs, "fsdp_bf16")
+    losses, _, dtypes, _, masters = both[0]
     bf16, fp32 = "torch.bfloat16", "torch.float32"
     assert dtypes["qkv"] == (bf16, bf16) and dtypes["ffn"] == (bf16, bf16)
     assert dtypes["adaLN"] == (fp32, fp32) and dtypes["final"] == (fp32, fp32) and dtypes["t_embedder"] == (fp32, fp32)
     assert masters == {fp32}
-    other = runs[1]["fsdp_bf16"][0]
+    other = both[1][0]
     mean = (torch.tensor(losses) + torch.tensor(other)) / 2
     torch.testing.assert_close(mean, torch.tensor(ref[0]), rtol=3e-2, atol=0)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_two_ranks_match_single_process(name, runs, ref):
-    _compare([r[name] for r in runs], ref)
+    _compare(_results(runs, name), ref)
 
 
 def _compare(results, ref):
@@ -177,14 +199,14 @@ LAYOUTS_4 = {
 
 
 @pytest.fixture(scope="module")
-def runs4():
-    return run_ranks(_worker, 4, LAYOUTS_4)
+def runs4(tmp_path_factory):
+    return _spawn(4, LAYOUTS_4, str(tmp_path_factory.mktemp("ckpt4")))
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_4))
 def test_four_ranks_match_single_process(name, runs4, ref):
     """Two parallel dims at once on 4 processes (2 cores: slow but small)."""
-    _compare([r[name] for r in runs4], ref)
+    _compare(_results(runs4, name), ref)
 
 
 @pytest.mark.slow
@@ -192,4 +214,4 @@ def test_four_ranks_match_single_process(name, runs4, ref):
                     reason="inductor on 2 CPU cores takes ~1 min: set LCV_TEST_COMPILE=1")
 def test_fsdp2_checkpointing_compile_matches_single(ref):
     layout = {"fsdp_ac2_compile": dict(name="fsdp", engine="fsdp", activation_checkpointing=2, compile=True)}
-    _compare([r["fsdp_ac2_compile"] for r in run_ranks(_worker, 2, layout)], ref)
+    _compare(_results(_spawn(2, layout, None), "fsdp_ac2_compile"), ref)
