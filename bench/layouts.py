@@ -1,0 +1,107 @@
+"""Training-step throughput of a parallel layout on synthetic latents (no data loading, no encoders).
+
+    torchrun --nproc_per_node 8 bench/layouts.py --layout fsdp --model small --frames 13 --size 64 --steps 20
+    torchrun --nproc_per_node 8 bench/layouts.py --layout fsdp_tp2 --ac 1 --model longcat-13.6b --frames 93 --size 480x832
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 bench/layouts.py --layout zero2 --model tiny   # CPU
+
+Prints, from rank 0: tokens/s (global), step time, model TFLOP/s per GPU, MFU against
+``parallel.device_info.peak_flops`` and peak device memory; the planner's prediction for the same layout
+comes from ``lcv-plan`` (same preset and overrides). ``--layout`` is a ``conf/parallel`` preset;
+``--cp/--tp/--ac/--compile`` override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layout", default="fsdp")
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--frames", type=int, default=9, help="pixel frames (1 + 4k)")
+    ap.add_argument("--size", default="64", help="pixel HxW or one number")
+    ap.add_argument("--batch", type=int, default=1, help="samples per data-parallel rank")
+    ap.add_argument("--text-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--cp", type=int)
+    ap.add_argument("--tp", type=int)
+    ap.add_argument("--ac", type=int, help="activation checkpointing every k blocks")
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+
+    from omegaconf import OmegaConf
+
+    from lcv_train.model.config import preset
+    from lcv_train.model.dit import LongCatDiT
+    from parallel import ParallelConfig, build_engine, init_distributed, parallelize_model
+    from parallel.device_info import peak_flops
+    from parallel.planner import compose, forward_flops, latent_grid
+
+    c = compose([f"parallel={args.layout}"])
+    pdict = OmegaConf.to_container(c.parallel, resolve=True)
+    for key, value in (("cp", args.cp), ("tp", args.tp), ("activation_checkpointing", args.ac)):
+        if value is not None:
+            pdict[key] = value
+    if args.compile:
+        pdict["compile"] = True
+    pcfg = ParallelConfig(**pdict).validate()
+    mcfg = preset(args.model)
+    dims = init_distributed(pcfg, mcfg)
+    device = dims.device
+    h, w = (int(v) for v in (args.size.split("x") if "x" in args.size else (args.size, args.size)))
+    grid = latent_grid((args.frames, h, w), mcfg.patch_size)
+    lat_shape = (args.batch, mcfg.in_channels, grid[0], grid[1] * mcfg.patch_size[1], grid[2] * mcfg.patch_size[2])
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LongCatDiT(mcfg)
+    model = parallelize_model(model, dims, pcfg)
+    engine = build_engine(model, {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "eps": 1e-8}, dims, pcfg)
+    g = torch.Generator(device="cpu").manual_seed(dims.dp_rank)
+    lat = torch.randn(lat_shape, generator=g).to(device)
+    target = torch.randn(lat_shape, generator=g).to(device)
+    text = torch.randn(args.batch, args.text_len, mcfg.caption_channels, generator=g).to(device)
+    t = (torch.rand(args.batch, generator=g) * 1000).to(device)
+
+    def step():
+        with engine.autocast():
+            out = engine.model(lat, t, text)
+            loss = torch.nn.functional.mse_loss(out.float(), target)
+        engine.backward(loss)
+        return engine.step()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    if dist.is_initialized():
+        dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+
+    tokens = grid[0] * grid[1] * grid[2] * args.batch * dims.dp_size
+    flops = 3 * forward_flops(mcfg, grid, args.text_len) * args.batch * dims.dp_size
+    per_gpu = flops / dims.world_size / dt
+    if dims.is_rank0:
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        print(f"layout {dims.describe()} engine={pcfg.engine} ac={pcfg.activation_checkpointing} "
+              f"compile={pcfg.compile} model={args.model} grid={grid} batch/rank={args.batch}")
+        print(f"step {dt * 1e3:.1f} ms  tokens/s {tokens / dt:,.0f}  model TFLOP/s/GPU {per_gpu / 1e12:.2f}  "
+              f"MFU {per_gpu / peak_flops(device):.1%}  peak mem {mem:.2f} GiB")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
