@@ -27,6 +27,7 @@ LAYOUTS = {
     "fsdp": dict(name="fsdp", engine="fsdp"),  # (also checks a state_dict round trip, like zero2/zero3)
     "hsdp": dict(name="hsdp", engine="fsdp", dp_replicate=2),
     "fsdp_ac": dict(name="fsdp", engine="fsdp", activation_checkpointing=1),
+    "hsdp_offload_ac2": dict(name="hsdp", engine="fsdp", dp_replicate=2, cpu_offload=True, activation_checkpointing=2),
     "tp2": dict(name="fsdp_tp2", engine="fsdp", tp=2),
     "cp2_ring": dict(name="fsdp_cp2", engine="fsdp", cp=2, cp_mode="ring"),
     "cp2_ulysses": dict(name="fsdp_cp2", engine="fsdp", cp=2, cp_mode="ulysses"),
