@@ -1,8 +1,7 @@
 """``lcv-plan``: per-GPU memory and step FLOPs of a training layout, before you submit the job.
 
     lcv-plan model=longcat-13.6b parallel=fsdp world_size=256 data.bucket=[93,480,832]
-    lcv-plan model=longcat-13.6b parallel=fsdp_tp2 parallel.cp=2 parallel.activation_checkpointing=1 \
-             world_size=64 data.bucket=[93,480,832] gpu=h100
+    lcv-plan model=longcat-13.6b parallel=fsdp_tp2 parallel.cp=2 parallel.activation_checkpointing=1 world_size=64 gpu=h200 data=shards
 
 Arguments are Hydra overrides of ``conf/train.yaml`` plus the planner's own keys: ``world_size`` (default
 8), ``data.bucket=[frames,height,width]`` in pixels (default: the first of ``data.buckets``), ``batch``
