@@ -50,16 +50,20 @@ def make_optimizer(model):
     return torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-def train(engine, batches, lo: int = 0, hi: int | None = None):
-    """Run the steps on rows ``lo:hi`` of each global batch; returns (losses, grad norms)."""
+def train(engine, batches, lo: int = 0, hi: int | None = None, accum: int = 1):
+    """Run the steps on rows ``lo:hi`` of each global batch, in ``accum`` micro-batches per step (loss
+    divided by ``accum``, as the trainer does); returns (losses, grad norms)."""
     losses, norms = [], []
     for b in batches:
         part = tuple(x[lo:hi] for x in b)
-        with engine.autocast():
-            loss = loss_fn(engine.model, part)
-        engine.backward(loss)
+        total = 0.0
+        for micro in zip(*(x.chunk(accum) for x in part)):
+            with engine.autocast():
+                loss = loss_fn(engine.model, micro) / accum
+            engine.backward(loss)
+            total += loss.item()
         norms.append(engine.step())
-        losses.append(loss.item())
+        losses.append(total)
     return losses, norms
 
 

@@ -33,6 +33,8 @@ LAYOUTS = {
     "cp2_ulysses": dict(name="fsdp_cp2", engine="fsdp", cp=2, cp_mode="ulysses"),
     "zero2": dict(name="zero2", engine="zero2"),
     "zero3": dict(name="zero3", engine="zero3"),
+    "zero2_accum2": dict(name="zero2", engine="zero2", accum=2),  # 2 micro-batches of 1 sample per step
+    "fsdp_accum2": dict(name="fsdp", engine="fsdp", accum=2),
 }
 
 
@@ -44,6 +46,8 @@ def _run_layout(layout, ckpt_dir=None):
 
     from parallel import ParallelConfig, build_engine, init_distributed, parallelize_model
 
+    layout = dict(layout)
+    accum = layout.pop("accum", 1)
     cfg = ParallelConfig(**layout)
     dims = init_distributed(cfg)
     if layout.get("name") == "fsdp_bf16":
@@ -51,9 +55,9 @@ def _run_layout(layout, ckpt_dir=None):
     model = parallelize_model(L.make_model(), dims, cfg)
     opt = L.make_optimizer(model) if cfg.engine == "fsdp" else dict(lr=L.LR, betas=(0.9, 0.95), eps=1e-8,
                                                                      weight_decay=0.1)
-    engine = build_engine(model, opt, dims, cfg, grad_clip=L.GRAD_CLIP)
+    engine = build_engine(model, opt, dims, cfg, grad_clip=L.GRAD_CLIP, grad_accum_steps=accum)
     n = L.GLOBAL_BATCH // dims.dp_size
-    losses, norms = L.train(engine, L.make_batches(), dims.dp_rank * n, (dims.dp_rank + 1) * n)
+    losses, norms = L.train(engine, L.make_batches(), dims.dp_rank * n, (dims.dp_rank + 1) * n, accum)
     assert dims.tp == 1 or dist.get_world_size(dims.group("tp")) == dims.tp
     if cfg.compile:
         from torch._dynamo.utils import counters
