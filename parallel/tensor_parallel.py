@@ -80,50 +80,6 @@ def _make_layers():
     return ModelParallelConfig, ColumnLinear, RowLinear
 
 
-def _local_head_attention_classes():
-    """Subclasses of the model's attention modules whose forward infers the head dim from the projection
-    output instead of the input width, so ``heads`` may be the local (per-TP-rank) count.
-
-    Same math as ``lcv_train.model.dit``; only the reshapes differ (``-1`` for what the model spells
-    ``C // self.heads`` and ``C``). They go away once the model itself reshapes that way."""
-    from lcv_train.model.dit import CrossAttention, SelfAttention, apply_rope
-
-    class LocalHeadsSelfAttention(SelfAttention):
-        def forward(self, x, cos, sin, num_cond, grid, op, cache, cache_mode):
-            B, T, S, _ = x.shape
-            q, k, v = self.qkv(x).view(B, T * S, 3, self.heads, -1).unbind(2)
-            q, k = self.q_norm(q), self.k_norm(k)
-            if cache_mode == "write":
-                cache.k, cache.v = k, v
-            if cache_mode == "read":
-                Tc = cache.k.shape[1] // S
-                q = apply_rope(q, cos[Tc:], sin[Tc:])
-                k = torch.cat([apply_rope(cache.k, cos[:Tc], sin[:Tc]), apply_rope(k, cos[Tc:], sin[Tc:])], dim=1)
-                v = torch.cat([cache.v, v], dim=1)
-                out = op.self_attention(q, k, v, grid, (Tc + grid[0], grid[1], grid[2]))
-            else:
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-                if num_cond == 0 or num_cond == T:
-                    out = op.self_attention(q, k, v, grid, grid)
-                else:
-                    n = num_cond * S
-                    cgrid, ngrid = (num_cond, grid[1], grid[2]), (T - num_cond, grid[1], grid[2])
-                    out_c = op.self_attention(q[:, :n], k[:, :n], v[:, :n], cgrid, cgrid)
-                    out_n = op.self_attention(q[:, n:], k, v, ngrid, grid)
-                    out = torch.cat([out_c, out_n], dim=1)
-            return self.proj(out.reshape(B, T, S, -1))
-
-    class LocalHeadsCrossAttention(CrossAttention):
-        def forward(self, x, y, key_mask, op):
-            B, T, S, _ = x.shape
-            q = self.q_norm(self.q_linear(x).view(B, T * S, self.heads, -1))
-            k, v = self.kv_linear(y).view(B, y.shape[1], 2, self.heads, -1).unbind(2)
-            k = self.k_norm(k)
-            return self.proj(op.cross_attention(q, k, v, key_mask).reshape(B, T, S, -1))
-
-    return LocalHeadsSelfAttention, LocalHeadsCrossAttention
-
-
 def _head_rows(n_parts: int, heads: int, hd: int, tp: int, rank: int) -> torch.Tensor:
     """Row indices of a fused ``[n_parts, heads, hd]`` output that TP rank ``rank`` owns, in local order."""
     idx = torch.arange(n_parts * heads * hd).view(n_parts, tp, heads // tp, hd)
@@ -169,10 +125,8 @@ def apply_tensor_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
         _no_extra_state(new)
         return new.to(lin.weight.device)
 
-    self_cls, cross_cls = _local_head_attention_classes()
     for block in model.blocks:
         attn, xattn, ffn = block.attn, block.cross_attn, block.ffn
-        attn.__class__, xattn.__class__ = self_cls, cross_cls
         attn.qkv = column(attn.qkv, _head_rows(3, heads, hd, tp, rank))
         attn.proj = row(attn.proj)
         xattn.q_linear = column(xattn.q_linear, _head_rows(1, heads, hd, tp, rank))

@@ -9,6 +9,8 @@ parameters never require grad, they stay in eval mode (``train()`` is a no-op), 
 
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ _DTYPES = {
 _MISSING = "???"
 
 
-class _Frozen(nn.Module):
+class _Frozen(nn.Module, metaclass=abc.ABCMeta):
     """An nn.Module that is always in eval mode with no trainable parameters."""
 
     def freeze(self) -> None:
@@ -101,11 +103,13 @@ class VideoCodec(_Frozen):
                              f"got shape {tuple(latents.shape)}")
         return self._decode(latents.to(self.device)).float().clamp_(-1.0, 1.0)
 
+    @abc.abstractmethod
     def _encode(self, video: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        raise NotImplementedError
+        """Checked video on the codec's device -> normalized latents."""
 
+    @abc.abstractmethod
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Normalized latents on the codec's device -> video in about [-1, 1]."""
 
 
 class TextEncoder(_Frozen):
@@ -128,8 +132,9 @@ class TextEncoder(_Frozen):
         mask = mask.to(torch.bool)
         return emb.float().masked_fill(~mask.unsqueeze(-1), 0.0), mask
 
+    @abc.abstractmethod
     def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Captions -> (embeddings, mask) before padding is zeroed."""
 
 
 # -- config helpers shared by the builders -----------------------------------------------------------

@@ -367,10 +367,3 @@ class LongCatDiT(nn.Module):
     # -- bookkeeping ---------------------------------------------------------------------------
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self, seq_len: int, text_len: int) -> float:
-        """Forward FLOPs per video token (matmuls only): 2 * params-in-blocks + attention scores/values."""
-        c = self.config
-        dense = sum(p.numel() for n, p in self.blocks.named_parameters() if p.dim() == 2)
-        attn = 4 * c.hidden_size * (seq_len + text_len) * c.depth
-        return 2.0 * dense + attn

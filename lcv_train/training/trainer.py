@@ -45,15 +45,29 @@ class Progress:
 
 
 class _EMAState:
-    def __init__(self, ema: EMA | None):
-        self.ema = ema
+    """The EMA as a DCP ``Stateful``; under tensor parallelism split weights are saved per TP rank."""
+
+    def __init__(self, ema: EMA | None, model, tp_group):
+        self.ema, self.model, self.tp_group = ema, model, tp_group
 
     def state_dict(self):
-        return self.ema.state_dict() if self.ema else {}
+        if not self.ema:
+            return {}
+        sd = self.ema.state_dict()
+        if self.tp_group is not None:
+            from parallel.tensor_parallel import tag_tp_keys
+
+            sd, _ = tag_tp_keys(self.model, sd, None, self.tp_group)
+        return sd
 
     def load_state_dict(self, sd):
-        if self.ema:
-            self.ema.load_state_dict(sd)
+        if not self.ema:
+            return
+        if self.tp_group is not None:
+            from parallel.tensor_parallel import untag_tp_keys
+
+            sd, _ = untag_tp_keys(self.model, sd, None, self.tp_group)
+        self.ema.load_state_dict(sd)
 
 
 def _pick_device(choice: str, dims) -> torch.device:
@@ -68,7 +82,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, config_dict: dict | None = None):
         self.cfg = cfg
         self.config_dict = config_dict or {}
-        self.dims = init_distributed(cfg.parallel)
+        self.dims = init_distributed(cfg.parallel, cfg.model)  # layout errors before any memory is used
         self.rank = self.dims.rank
         self.device = _pick_device(cfg.trainer.device, self.dims)
         if dist.is_initialized():  # every rank uses rank 0's run name (a timestamp default can differ)
@@ -98,7 +112,8 @@ class Trainer:
         self.model = parallelize_model(model, self.dims, cfg.parallel)
         o = cfg.optim
         self.engine = build_engine(self.model, {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
-                                                "eps": o.eps}, self.dims, cfg.parallel, grad_clip=o.grad_clip)
+                                                "eps": o.eps}, self.dims, cfg.parallel, grad_clip=o.grad_clip,
+                                   grad_accum_steps=cfg.trainer.grad_accum)
         self.lr_scheduler = build_lr_scheduler(self.engine.optimizer, cfg.schedule, cfg.trainer.max_steps)
         self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
         self.progress = Progress()
@@ -155,8 +170,9 @@ class Trainer:
         return build_loader(dcfg, self.dims.dp_rank, self.dims.dp_size, self.cfg.run.seed)
 
     def _state(self) -> dict:
-        return {"engine": self.engine, "lr_scheduler": self.lr_scheduler, "ema": _EMAState(self.ema),
-                "progress": self.progress}
+        tp_group = self.dims.group("tp") if self.dims.tp > 1 else None
+        return {"engine": self.engine, "lr_scheduler": self.lr_scheduler,
+                "ema": _EMAState(self.ema, self.model, tp_group), "progress": self.progress}
 
     def _meta(self) -> dict:
         return {"model": self.cfg.model.to_json_dict(), "stage": self.cfg.stage.name}
@@ -208,7 +224,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         wait = 0.0
-        loss_sum, tokens, seq_len = 0.0, 0, 0
+        loss_sum, tokens, grid = 0.0, 0, (0, 0, 0)
         self.model.train()
         for _ in range(cfg.trainer.grad_accum):
             tw = time.perf_counter()
@@ -220,8 +236,8 @@ class Trainer:
             self.engine.backward(loss / cfg.trainer.grad_accum)
             loss_sum += float(loss.detach())
             B, _, T, H, W = sb.latents.shape
-            seq_len = T * H * W // math.prod(cfg.model.patch_size)
-            tokens += B * seq_len
+            grid = self._core_model().token_grid((T, H, W))
+            tokens += B * math.prod(grid)
         grad_norm = self.engine.step()
         self.lr_scheduler.step()
         self.progress.step += 1
@@ -230,7 +246,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         return {"train/loss": loss_sum / cfg.trainer.grad_accum, "train/grad_norm": grad_norm,
                 "train/lr": self.lr_scheduler.get_last_lr()[0], "perf/step_time_s": dt,
-                "perf/data_wait_s": wait, "perf/tokens": tokens, "perf/seq_len": seq_len}
+                "perf/data_wait_s": wait, "perf/tokens": tokens, "perf/grid": grid}
 
     # -- the loop ------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -264,16 +280,18 @@ class Trainer:
         out = {"perf/tokens_per_s": tokens / max(m["perf/step_time_s"], 1e-9)}
         if self.device.type == "cuda":
             out["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        try:
-            from parallel.device_info import peak_flops
+        from parallel.device_info import peak_flops
 
-            peak = peak_flops(self.device)
-        except ImportError:
-            peak = None
+        peak = peak_flops(self.device)
         if peak:
-            # Forward + backward = 3x forward matmul FLOPs (no recompute counted: model FLOPs, not hardware).
+            from parallel.planner import forward_flops
+
+            # Model FLOPs (forward + backward = 3x forward matmuls; recomputation not counted), of the whole
+            # model whatever the sharding, over the peak of every device.
+            grid = m["perf/grid"]
             text_len = int(self.cfg.text_encoder.get("max_length", 0) or 0)
-            flops = 3 * self._core_model().flops_per_token(m["perf/seq_len"], text_len) * tokens
+            samples = m["perf/tokens"] * self.dims.dp_size / max(math.prod(grid), 1)
+            flops = 3 * forward_flops(self.cfg.model, grid, text_len) * samples
             out["perf/mfu"] = flops / m["perf/step_time_s"] / (peak * world)
         return out
 
@@ -292,6 +310,7 @@ class Trainer:
             while self.progress.step < total:
                 m = self.train_step(data_iter)
                 m.update(self._perf_metrics(m))
+                del m["perf/grid"]
                 m.update(self.loader.metrics())
                 step = self.progress.step
                 first_loss = m["train/loss"] if first_loss is None else first_loss

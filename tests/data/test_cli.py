@@ -165,9 +165,6 @@ def test_encode_split_over_processes(syn_dir, tmp_path):
 
 
 def test_encode_cli_with_standins(syn_dir, tmp_path, capsys):
-    pytest.importorskip("lcv_train.encoders")
-    if not os.path.exists(os.path.join(REPO, "conf", "vae", "pixel.yaml")):
-        pytest.skip("conf/vae/pixel.yaml not there yet")
     sub = str(tmp_path / "small")
     assert main(["synth", "--out", sub, "--n", "6", "--frames", "9"]) == 0
     out = str(tmp_path / "lat")
