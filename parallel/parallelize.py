@@ -29,10 +29,8 @@ def apply_compile(model: torch.nn.Module) -> None:
 
 
 def apply_context_parallel_op(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> None:
-    try:
-        from parallel.context_parallel import apply_context_parallel
-    except ImportError as e:  # the context-parallel package is not there (yet)
-        raise NotImplementedError(f"parallel.cp={dims.cp}: context parallelism is not available ({e})") from e
+    from parallel.context_parallel import apply_context_parallel
+
     apply_context_parallel(model, dims.submesh("cp"), cfg.cp_mode)
 
 

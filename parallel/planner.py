@@ -185,14 +185,7 @@ def real_sharding(model_cfg, pcfg, world_size: int) -> ShardInfo:
         dims.device = torch.device("cuda")  # choose the GPU mixed-precision policy
         pcfg = type(pcfg)(**{**pcfg.__dict__, "compile": False})  # compile changes nothing in the layout
         with torch.device("meta"):
-            if dims.cp > 1:
-                try:
-                    parallelize_model(model, dims, pcfg)
-                except NotImplementedError as e:  # context parallel op missing: shard without it
-                    notes.append(str(e))
-                    pcfg.cp = 1
-            else:
-                parallelize_model(model, dims, pcfg)
+            parallelize_model(model, dims, pcfg)
         local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
         block = 0
         for p in model.blocks[0].parameters():
