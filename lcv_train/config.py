@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lcv_train.diffusion import FlowMatchingConfig
-from lcv_train.errors import ConfigError
-from lcv_train.model.config import BSAConfig, DiTConfig
+from lcv_train.errors import ConfigError, require
+from lcv_train.model.config import DiTConfig
 from lcv_train.sampling import SamplerConfig
 from parallel.config import ParallelConfig
 
@@ -37,12 +37,12 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def validate(self) -> "OptimConfig":
-        _need(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+        require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
               f"must be two numbers in [0, 1), got {self.betas}")
-        _need(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _need(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
-        _need(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
         return self
 
 
@@ -53,10 +53,10 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
 
     def validate(self) -> "ScheduleConfig":
-        _need(self.kind in ("cosine", "constant", "linear"), "schedule.kind",
+        require(self.kind in ("cosine", "constant", "linear"), "schedule.kind",
               f"must be cosine|constant|linear, got {self.kind!r}")
-        _need(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _need(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         return self
 
 
@@ -66,8 +66,8 @@ class EMAConfig:
     every: int = 1
 
     def validate(self) -> "EMAConfig":
-        _need(0 <= self.decay < 1, "ema.decay", f"must be in [0, 1), got {self.decay}")
-        _need(self.every >= 1, "ema.every", f"must be >= 1, got {self.every}")
+        require(0 <= self.decay < 1, "ema.decay", f"must be in [0, 1), got {self.decay}")
+        require(self.every >= 1, "ema.every", f"must be >= 1, got {self.every}")
         return self
 
 
@@ -84,12 +84,12 @@ class TrainerConfig:
     init_from: str | None = None  # a published LongCat-Video folder (or a dit/ folder) to start from
 
     def validate(self) -> "TrainerConfig":
-        _need(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
-        _need(self.grad_accum >= 1, "trainer.grad_accum", f"must be >= 1, got {self.grad_accum}")
-        _need(self.log_every >= 1, "trainer.log_every", f"must be >= 1, got {self.log_every}")
-        _need(self.checkpoint_every >= 1, "trainer.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
-        _need(self.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {self.keep_last}")
-        _need(self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto|cpu|cuda, got {self.device!r}")
+        require(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
+        require(self.grad_accum >= 1, "trainer.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        require(self.log_every >= 1, "trainer.log_every", f"must be >= 1, got {self.log_every}")
+        require(self.checkpoint_every >= 1, "trainer.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        require(self.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {self.keep_last}")
+        require(self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto|cpu|cuda, got {self.device!r}")
         return self
 
 
@@ -103,7 +103,7 @@ class StageConfig:
     trainable: str = "all"  # all | a regex over parameter names
 
     def validate(self) -> "StageConfig":
-        _need(self.kind in ("flow_matching",), "stage.kind", f"must be flow_matching, got {self.kind!r}")
+        require(self.kind in ("flow_matching",), "stage.kind", f"must be flow_matching, got {self.kind!r}")
         return self
 
 
@@ -114,8 +114,8 @@ class LoggerConfig:
     mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
 
     def validate(self) -> "LoggerConfig":
-        _need(self.kind in ("wandb", "none"), "logger.kind", f"must be wandb|none, got {self.kind!r}")
-        _need(self.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
+        require(self.kind in ("wandb", "none"), "logger.kind", f"must be wandb|none, got {self.kind!r}")
+        require(self.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
               f"must be auto|online|offline|disabled, got {self.mode!r}")
         return self
 
@@ -168,15 +168,10 @@ class TrainConfig:
         for part in (self.optim, self.schedule, self.ema, self.trainer, self.stage, self.logger):
             part.validate()
         self.parallel.validate()
-        _need(not (self.parallel.engine == "zero3" and self.ema.decay > 0), "ema.decay",
+        require(not (self.parallel.engine == "zero3" and self.ema.decay > 0), "ema.decay",
               "EMA needs whole parameters, which ZeRO-3 partitions: set ema.decay=0 with parallel=zero3")
-        _need(self.sample.steps >= 1, "sample.steps", f"must be >= 1, got {self.sample.steps}")
+        require(self.sample.steps >= 1, "sample.steps", f"must be >= 1, got {self.sample.steps}")
         return self
-
-
-def _need(ok: bool, key: str, what: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {what}")
 
 
 def build(cls, data: Any, prefix: str):

@@ -7,3 +7,9 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint or weight file is missing, incomplete or does not match the model."""
+
+
+def require(ok: bool, key: str, what: str) -> None:
+    """Raise ``ConfigError("<key>: <what>")`` unless ``ok``: the one way config checks report."""
+    if not ok:
+        raise ConfigError(f"{key}: {what}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lcv_train.errors import ConfigError
+from lcv_train.errors import require
 
 
 @dataclass
@@ -24,17 +24,13 @@ class ParallelConfig:
     backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
 
     def validate(self, prefix: str = "parallel") -> "ParallelConfig":
-        def need(ok, key, what):
-            if not ok:
-                raise ConfigError(f"{prefix}.{key}: {what}")
-
-        need(self.engine in ("fsdp", "zero2", "zero3"), "engine", f"must be fsdp|zero2|zero3, got {self.engine!r}")
-        need(self.dp_replicate >= 1, "dp_replicate", f"must be >= 1, got {self.dp_replicate}")
-        need(self.dp_shard == -1 or self.dp_shard >= 1, "dp_shard", f"must be -1 or >= 1, got {self.dp_shard}")
-        need(self.cp >= 1, "cp", f"must be >= 1, got {self.cp}")
-        need(self.tp >= 1, "tp", f"must be >= 1, got {self.tp}")
-        need(self.cp_mode in ("ring", "ulysses"), "cp_mode", f"must be ring|ulysses, got {self.cp_mode!r}")
-        need(self.mixed_precision in ("bf16", "fp32"), "mixed_precision", f"must be bf16|fp32, got {self.mixed_precision!r}")
-        need(self.activation_checkpointing >= 0, "activation_checkpointing", "must be >= 0 (0 = off)")
-        need(self.backend in ("auto", "nccl", "gloo"), "backend", f"must be auto|nccl|gloo, got {self.backend!r}")
+        require(self.engine in ("fsdp", "zero2", "zero3"), f"{prefix}.engine", f"must be fsdp|zero2|zero3, got {self.engine!r}")
+        require(self.dp_replicate >= 1, f"{prefix}.dp_replicate", f"must be >= 1, got {self.dp_replicate}")
+        require(self.dp_shard == -1 or self.dp_shard >= 1, f"{prefix}.dp_shard", f"must be -1 or >= 1, got {self.dp_shard}")
+        require(self.cp >= 1, f"{prefix}.cp", f"must be >= 1, got {self.cp}")
+        require(self.tp >= 1, f"{prefix}.tp", f"must be >= 1, got {self.tp}")
+        require(self.cp_mode in ("ring", "ulysses"), f"{prefix}.cp_mode", f"must be ring|ulysses, got {self.cp_mode!r}")
+        require(self.mixed_precision in ("bf16", "fp32"), f"{prefix}.mixed_precision", f"must be bf16|fp32, got {self.mixed_precision!r}")
+        require(self.activation_checkpointing >= 0, f"{prefix}.activation_checkpointing", "must be >= 0 (0 = off)")
+        require(self.backend in ("auto", "nccl", "gloo"), f"{prefix}.backend", f"must be auto|nccl|gloo, got {self.backend!r}")
         return self

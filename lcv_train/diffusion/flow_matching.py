@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lcv_train.errors import ConfigError
+from lcv_train.errors import require
 
 
 @dataclass
@@ -32,16 +32,12 @@ class FlowMatchingConfig:
     text_dropout: float = 0.1
 
     def validate(self, prefix: str = "diffusion") -> "FlowMatchingConfig":
-        def need(ok, key, what):
-            if not ok:
-                raise ConfigError(f"{prefix}.{key}: {what}")
-
-        need(self.logit_std > 0, "logit_std", f"must be > 0, got {self.logit_std}")
-        need(self.shift_min > 0 and self.shift_max > 0, "shift_min", "shifts must be > 0")
-        need(0 < self.shift_tokens_min <= self.shift_tokens_max, "shift_tokens_min",
+        require(self.logit_std > 0, f"{prefix}.logit_std", f"must be > 0, got {self.logit_std}")
+        require(self.shift_min > 0 and self.shift_max > 0, f"{prefix}.shift_min", "shifts must be > 0")
+        require(0 < self.shift_tokens_min <= self.shift_tokens_max, f"{prefix}.shift_tokens_min",
              "must satisfy 0 < shift_tokens_min <= shift_tokens_max")
-        need(0.0 <= self.cond_noise_max < 1.0, "cond_noise_max", f"must be in [0, 1), got {self.cond_noise_max}")
-        need(0.0 <= self.text_dropout <= 1.0, "text_dropout", f"must be in [0, 1], got {self.text_dropout}")
+        require(0.0 <= self.cond_noise_max < 1.0, f"{prefix}.cond_noise_max", f"must be in [0, 1), got {self.cond_noise_max}")
+        require(0.0 <= self.text_dropout <= 1.0, f"{prefix}.text_dropout", f"must be in [0, 1], got {self.text_dropout}")
         return self
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcv_train.errors import ConfigError
+from lcv_train.errors import ConfigError, require
 
 
 @dataclass
@@ -67,27 +67,23 @@ class DiTConfig:
         return (hd - 4 * (hd // 6), 2 * (hd // 6), 2 * (hd // 6))
 
     def validate(self, prefix: str = "model") -> "DiTConfig":
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"{prefix}.{key}: {what}")
-
         for key in ("in_channels", "out_channels", "hidden_size", "depth", "num_heads", "caption_channels",
                     "adaln_tembed_dim", "frequency_embedding_size", "ffn_multiple_of"):
-            need(int(getattr(self, key)) > 0, key, f"must be a positive integer, got {getattr(self, key)}")
-        need(self.hidden_size % self.num_heads == 0, "hidden_size",
+            require(int(getattr(self, key)) > 0, f"{prefix}.{key}", f"must be a positive integer, got {getattr(self, key)}")
+        require(self.hidden_size % self.num_heads == 0, f"{prefix}.hidden_size",
              f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        need(self.head_dim % 2 == 0 and all(d % 2 == 0 and d > 0 for d in self.rope_split), "num_heads",
+        require(self.head_dim % 2 == 0 and all(d % 2 == 0 and d > 0 for d in self.rope_split), f"{prefix}.num_heads",
              f"head_dim={self.head_dim} cannot be split into even (t, h, w) RoPE parts {self.rope_split}")
-        need(self.frequency_embedding_size % 2 == 0, "frequency_embedding_size", "must be even")
-        need(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
-        need(len(self.patch_size) == 3 and all(int(p) > 0 for p in self.patch_size), "patch_size",
+        require(self.frequency_embedding_size % 2 == 0, f"{prefix}.frequency_embedding_size", "must be even")
+        require(self.mlp_ratio > 0, f"{prefix}.mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        require(len(self.patch_size) == 3 and all(int(p) > 0 for p in self.patch_size), f"{prefix}.patch_size",
              f"must be three positive integers, got {self.patch_size}")
-        need(int(self.patch_size[0]) == 1, "patch_size", "the temporal patch must be 1 (SPEC section 1)")
-        need(self.attention in ("dense", "bsa"), "attention", f"must be 'dense' or 'bsa', got {self.attention!r}")
-        need(0.0 <= self.bsa.sparsity < 1.0, "bsa.sparsity", f"must be in [0, 1), got {self.bsa.sparsity}")
-        need(self.bsa.cdf_threshold is None or 0.0 < self.bsa.cdf_threshold <= 1.0, "bsa.cdf_threshold",
+        require(int(self.patch_size[0]) == 1, f"{prefix}.patch_size", "the temporal patch must be 1 (SPEC section 1)")
+        require(self.attention in ("dense", "bsa"), f"{prefix}.attention", f"must be 'dense' or 'bsa', got {self.attention!r}")
+        require(0.0 <= self.bsa.sparsity < 1.0, f"{prefix}.bsa.sparsity", f"must be in [0, 1), got {self.bsa.sparsity}")
+        require(self.bsa.cdf_threshold is None or 0.0 < self.bsa.cdf_threshold <= 1.0, f"{prefix}.bsa.cdf_threshold",
              f"must be in (0, 1] or null, got {self.bsa.cdf_threshold}")
-        need(self.bsa.backend in ("auto", "torch", "triton"), "bsa.backend",
+        require(self.bsa.backend in ("auto", "torch", "triton"), f"{prefix}.bsa.backend",
              f"must be auto|torch|triton, got {self.bsa.backend!r}")
         self.patch_size = tuple(int(p) for p in self.patch_size)
         self.enable_bsa = self.attention == "bsa"  # derived; kept for the published config format

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from lcv_train.diffusion import drop_text, flow_matching_loss, make_training_inputs
 from lcv_train.stages.base import Stage, StageBatch
 
