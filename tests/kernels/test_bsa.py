@@ -415,6 +415,7 @@ def triton_device():
     if HAS_CUDA:
         return "cuda"
     if not _triton_interpreter_usable():
+        # Justified: the same tests then run in a fresh interpreter (test_triton_in_fresh_interpreter).
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set in this process; "
                     "test_triton_in_fresh_interpreter runs these tests in a subprocess instead")
     mod = sys.modules.get("kernels.bsa.triton_fwd_bwd")
@@ -429,6 +430,7 @@ def triton_device():
 def test_triton_in_fresh_interpreter():
     """Fallback when this process imported triton before TRITON_INTERPRET could be set."""
     if HAS_CUDA or _triton_interpreter_usable():
+        # Justified: this is only the fallback; the Triton tests already ran in this process.
         pytest.skip("the Triton tests run in this process")
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
