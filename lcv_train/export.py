@@ -30,9 +30,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no checkpoint at {p}: expected {p / 'meta.json'} or {p / 'checkpoints' / 'latest'}")
 
 
+def _load_tp_checkpoint(ckpt: Path, prefix: str, cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """A tensor-parallel checkpoint: read every rank's pieces and put the full tensors back together."""
+    from parallel.tensor_parallel import consolidate_tp_state_dict
+
+    meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+          if k.startswith(prefix) and hasattr(m, "size")}
+    if not sd:
+        raise CheckpointError(f"{ckpt} has no {prefix.rstrip('.')} weights; use --weights model")
+    dcp.load(sd, checkpoint_id=str(ckpt))
+    full = consolidate_tp_state_dict({k[len(prefix):]: v.float() for k, v in sd.items()}, cfg)
+    return full
+
+
 def load_training_weights(ckpt: Path, weights: str = "ema") -> tuple[DiTConfig, dict[str, torch.Tensor]]:
     meta = json.loads((ckpt / "meta.json").read_text())
     cfg = DiTConfig.from_json_dict(meta["model"])
+    stored = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    if any("@tp" in k for k in stored):
+        return cfg, _load_tp_checkpoint(ckpt, "ema." if weights == "ema" else "engine.model.", cfg)
     with torch.device("cpu"):
         model = LongCatDiT(cfg)
     sd = {k: v.float() for k, v in model.state_dict().items()}

@@ -238,3 +238,42 @@ def tag_tp_keys(model: nn.Module, model_sd: dict, optim_sd: dict | None, group):
 def untag_tp_keys(model: nn.Module, model_sd: dict, optim_sd: dict | None, group):
     """Inverse of ``tag_tp_keys``; a one-line ``CheckpointError`` when the checkpoint's tp differs."""
     return _rename(model, model_sd, optim_sd, group, forward=False)
+
+
+def consolidate_tp_state_dict(sd: dict, model_cfg) -> dict:
+    """Full tensors from a checkpoint's per-TP-rank pieces (``<name>@tp<r>of<tp>``), for export.
+
+    The inverse of the splits ``apply_tensor_parallel`` makes: column-parallel layers own the rows of
+    their heads (fused qkv / kv keep q, k, v of one head group together) or a contiguous row range (FFN
+    w1, w3); row-parallel layers own a contiguous column range. Untagged entries pass through."""
+    heads, hd = model_cfg.num_heads, model_cfg.head_dim
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    out, tps = {}, {}
+    for key, t in sd.items():
+        if "@tp" not in key:
+            out[key] = t
+            continue
+        name, tag = key.split("@tp")
+        rank, tp = (int(x) for x in tag.split("of"))
+        pieces.setdefault(name, {})[rank] = t
+        tps[name] = tp
+    fused_parts = {"attn.qkv": 3, "cross_attn.q_linear": 1, "cross_attn.kv_linear": 2}
+    for name, parts in pieces.items():
+        tp = tps[name]
+        if sorted(parts) != list(range(tp)):
+            from lcv_train.errors import CheckpointError
+
+            raise CheckpointError(f"{name}: the checkpoint has TP pieces {sorted(parts)} of {tp}")
+        module, pname = name.rsplit(".", 1)
+        row_parallel = module.endswith(("attn.proj", "ffn.w2")) and pname == "weight"
+        if row_parallel:
+            out[name] = torch.cat([parts[r] for r in range(tp)], dim=1)
+            continue
+        n = sum(p.shape[0] for p in parts.values())
+        full = parts[0].new_empty((n, *parts[0].shape[1:]))
+        n_parts = next((k for suffix, k in fused_parts.items() if module.endswith(suffix)), None)
+        for r in range(tp):
+            rows = _head_rows(n_parts, heads, hd, tp, r) if n_parts else _contiguous_rows(n, tp, r)
+            full[rows] = parts[r]
+        out[name] = full
+    return out
