@@ -15,10 +15,13 @@ what ``latest`` names is always complete and loadable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextlib.contextmanager
+def _finish_before_interrupt():
+    """Ctrl-C while a checkpoint is written: finish and publish it, then raise KeyboardInterrupt.
+    A second Ctrl-C aborts at once (the unpublished ``.tmp`` directory is removed at the next start)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits: list[int] = []
+
+    def handler(signum, _frame):
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+        log.warning("interrupted: finishing the checkpoint being written, then stopping (Ctrl-C again aborts it)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hits:
+        raise KeyboardInterrupt
+
+
+def _dcp_save(state, checkpoint_id: str) -> None:
+    """``dcp.save`` that lets a KeyboardInterrupt be one (DCP wraps exceptions in CheckpointException)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save(state, checkpoint_id=checkpoint_id)
+    except CheckpointException as e:
+        if any(isinstance(f[0] if isinstance(f, tuple) else f, KeyboardInterrupt) for f in e.failures.values()):
+            raise KeyboardInterrupt from e
+        raise
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, keep_last: int = 3):
         self.dir = Path(directory)
@@ -97,13 +136,17 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, Any], rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Every rank calls this. ``state`` holds DCP-saveable objects (``Stateful`` or tensors);
         ``rank_state`` is this rank's private state (pickled to ``rank_XXXXX.pt``)."""
+        with _finish_before_interrupt():
+            return self._save(step, state, rank_state, meta)
+
+    def _save(self, step: int, state: dict[str, Any], rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
         name = f"step_{step:07d}"
         final, tmp = self.dir / name, self.dir / f"{name}.tmp"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save(state, checkpoint_id=str(tmp))
+        _dcp_save(state, str(tmp))
         torch.save(rank_state, tmp / f"rank_{_rank():05d}.pt")
         _barrier()
         if _rank() == 0:
