@@ -19,6 +19,39 @@ import torch
 import torch.distributed as dist
 
 
+RESULTS = __file__.rsplit("/", 1)[0] + "/RESULTS.md"
+SECTION = "## Parallel layouts"
+HEADER = ("| machine | date | layout | model | grid x batch/rank | step ms | tokens/s | model TFLOP/s/device | MFU | "
+          "peak GiB |\n| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+
+
+def _machine(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "CPU")
+    import os
+
+    return f"{cpu} ({os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def _record(row: str) -> None:
+    """Append ``row`` to the table of the ``## Parallel layouts`` section of bench/RESULTS.md."""
+    import os
+
+    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
+    if SECTION not in text:
+        text = text.rstrip("\n") + (f"\n\n{SECTION}\n\n`bench/layouts.py`: one training step of a layout on "
+                                   f"synthetic latents (no data loading), mean over the timed steps.\n\n{HEADER}\n")
+    head, _, tail = text.partition(SECTION)
+    nxt = tail.find("\n## ")
+    body, rest = (tail, "") if nxt < 0 else (tail[:nxt], tail[nxt:])
+    text = head + SECTION + body.rstrip("\n") + "\n" + row + "\n" + rest
+    with open(RESULTS, "w") as f:
+        f.write(text)
+    print(f"recorded in {RESULTS}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layout", default="fsdp")
@@ -28,6 +61,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="samples per data-parallel rank")
     ap.add_argument("--text-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--no-write", action="store_true", help="do not record the result in bench/RESULTS.md")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cp", type=int)
     ap.add_argument("--tp", type=int)
@@ -99,6 +133,12 @@ def main() -> None:
               f"compile={pcfg.compile} model={args.model} grid={grid} batch/rank={args.batch}")
         print(f"step {dt * 1e3:.1f} ms  tokens/s {tokens / dt:,.0f}  model TFLOP/s/GPU {per_gpu / 1e12:.2f}  "
               f"MFU {per_gpu / peak_flops(device):.1%}  peak mem {mem:.2f} GiB")
+        if not args.no_write:
+            row = (f"| {_machine(device)} | {time.strftime('%Y-%m-%d')} | {dims.describe()} {pcfg.engine} "
+                   f"ac={pcfg.activation_checkpointing} | {args.model} | {list(grid)} x {args.batch} | "
+                   f"{dt * 1e3:.1f} | {tokens / dt:,.0f} | {per_gpu / 1e12:.3f} | {per_gpu / peak_flops(device):.1%} | "
+                   f"{f'{mem:.2f}' if device.type == 'cuda' else 'n/a (CPU)'} |")
+            _record(row)
     if dist.is_initialized():
         dist.destroy_process_group()
 
