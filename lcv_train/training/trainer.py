@@ -99,16 +99,31 @@ class Trainer:
 
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
 
-        # Model: identical initialisation on every rank.
+        # Encoders and the data config first: a missing weight file or a bucket that does not fit the
+        # model stops here, before the DiT takes any memory.
+        self.codec = build_video_codec(cfg.vae).to(self.device)
+        self.text_encoder = build_text_encoder(cfg.text_encoder).to(self.device)
+        if self.text_encoder.dim != cfg.model.caption_channels:
+            raise ConfigError(f"text_encoder: produces {self.text_encoder.dim}-dim embeddings but "
+                              f"model.caption_channels={cfg.model.caption_channels}")
+        if self.codec.latent_channels != cfg.model.in_channels:
+            raise ConfigError(f"vae: produces {self.codec.latent_channels} latent channels but "
+                              f"model.in_channels={cfg.model.in_channels}")
+        data_cfg = self._data_config()
+
+        # Model: identical initialisation on every rank, built straight on the device (a 13.6B model is
+        # 54 GB in fp32: never in host memory once per rank); FSDP then keeps only this rank's shard.
         torch.manual_seed(cfg.run.seed)
-        model = LongCatDiT(cfg.model)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(cfg.run.seed)
+        with torch.device(self.device):
+            model = LongCatDiT(cfg.model)
         if cfg.trainer.init_from:
             from lcv_train.checkpoints import load_published_dit
 
             load_published_dit(model, cfg.trainer.init_from)
         self.stage = build_stage(cfg.stage, cfg.diffusion, cfg.model)
         self.stage.prepare(model)
-        model.to(self.device)
         self.model = parallelize_model(model, self.dims, cfg.parallel)
         o = cfg.optim
         self.engine = build_engine(self.model, {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
@@ -118,16 +133,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
         self.progress = Progress()
 
-        # Encoders and data.
-        self.codec = build_video_codec(cfg.vae).to(self.device)
-        self.text_encoder = build_text_encoder(cfg.text_encoder).to(self.device)
-        if self.text_encoder.dim != cfg.model.caption_channels:
-            raise ConfigError(f"text_encoder: produces {self.text_encoder.dim}-dim embeddings but "
-                              f"model.caption_channels={cfg.model.caption_channels}")
-        if self.codec.latent_channels != cfg.model.in_channels:
-            raise ConfigError(f"vae: produces {self.codec.latent_channels} latent channels but "
-                              f"model.in_channels={cfg.model.in_channels}")
-        self.loader = self._build_loader()
+        self.loader = self._build_loader(data_cfg)
         # Noise differs across data-parallel replicas but not across the cp/tp ranks of one replica,
         # which must see the same sample.
         self.noise_gen = torch.Generator(self.device).manual_seed(cfg.run.seed * 100003 + self.dims.dp_rank)
@@ -144,8 +150,9 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
 
-    def _build_loader(self):
-        from data_loaders import build_loader, to_data_config
+    def _data_config(self):
+        """The validated data config, with the synthetic set made on first use."""
+        from data_loaders import to_data_config, validate
 
         data = dict(self.cfg.data)
         syn = self.cfg.synthetic
@@ -161,7 +168,11 @@ class Trainer:
         # Derived from the codec and the model, so they cannot disagree with them.
         data["temporal_stride"] = self.codec.temporal_stride
         data["spatial_multiple"] = self.codec.spatial_stride * self.cfg.model.patch_size[1]
-        dcfg = to_data_config(data)
+        return validate(to_data_config(data))
+
+    def _build_loader(self, dcfg):
+        from data_loaders import build_loader
+
         op = self._core_model().attention_op
         if hasattr(op, "check_grid"):  # context parallelism: every bucket must shard evenly, checked now
             for frames, height, _ in dcfg.buckets:
