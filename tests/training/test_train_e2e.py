@@ -91,3 +91,17 @@ def test_export_to_published_format_loads_back(runs, tmp_path):
     dcp_load({"ema": ema}, checkpoint_id=str(root / "export" / "checkpoints" / "step_0000002"))
     for n, p in m.named_parameters():
         torch.testing.assert_close(p, ema[n].to(torch.bfloat16).float(), msg=n)
+
+
+def test_multitask_with_block_sparse_attention_trains_and_samples(runs):
+    """The BSA fine-tune path: model.attention=bsa with condition frames (I2V / VC batches)."""
+    root, data = runs
+    o = tiny_overrides(root, data) + ["run.name=bsa", "stage=multitask", "model.attention=bsa",
+                                      "model.bsa.sparsity=0.5", "model.bsa.backend=torch", "trainer.max_steps=3",
+                                      "data.tasks={t2v:0.0,i2v:0.5,vc:0.5}", "sample.steps=1"]
+    lcv_train(o, cwd=root)
+    import json
+
+    rows = [json.loads(x) for x in (root / "bsa" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["train/loss"] > 0 for r in rows)
+    assert (root / "bsa" / "samples" / "step_0000003.mp4").is_file()
