@@ -23,6 +23,18 @@ import torch
 CHUNK_ELEMS = 1 << 22
 
 
+def _gather_chunk(kh, vh, kv_index, kv_count, k_valid, q_valid, c0, c1, nk):
+    """The selected key/value blocks of query blocks c0:c1 in fp32, ``[B, H, c, K*bs, D]``, with
+    :func:`_chunk_inputs`' indices and masks (forward and backward gather the same way)."""
+    B, H = kv_index.shape[:2]
+    K = kv_index.shape[-1]
+    bs, D = kh.shape[-2:]
+    flat, k_off, q_off = _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H)
+    kg = kh.index_select(0, flat).view(B, H, c1 - c0, K * bs, D).float()
+    vg = vh.index_select(0, flat).view(B, H, c1 - c0, K * bs, D).float()
+    return flat, k_off, q_off, kg, vg
+
+
 def _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H):
     """Flat gather indices [B*H*c*K] and the masked-out key/query slots for query blocks c0:c1.
 
@@ -74,17 +86,13 @@ class BlockAttentionTorch(torch.autograd.Function):
     def _forward(ctx, qb, kb, vb, q_valid, k_valid, kv_index, kv_count, scale, chunk):
         B, nq, bs, H, D = qb.shape
         nk = kb.shape[1]
-        K = kv_index.shape[-1]
         qh = qb.permute(0, 3, 1, 2, 4).contiguous()  # [B, H, nq, bs, D]; contiguous keeps bmm on the fast path
         kh, vh = _heads_first(kb), _heads_first(vb)
         out = torch.zeros(B, H, nq, bs, D, dtype=qb.dtype, device=qb.device)
         lse = torch.full((B, H, nq, bs), float("-inf"), dtype=torch.float32, device=qb.device)
         for c0 in range(0, nq, chunk):
             c1 = min(nq, c0 + chunk)
-            c = c1 - c0
-            flat, k_off, q_off = _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H)
-            kg = kh.index_select(0, flat).view(B, H, c, K * bs, D).float()
-            vg = vh.index_select(0, flat).view(B, H, c, K * bs, D).float()
+            _, k_off, q_off, kg, vg = _gather_chunk(kh, vh, kv_index, kv_count, k_valid, q_valid, c0, c1, nk)
             # The scale is applied to the fp32 copy of q (never to low-precision K).
             p = _scores(qh[:, :, c0:c1].float() * scale, kg, k_off, q_off)
             m = p.amax(dim=-1, keepdim=True)
@@ -116,9 +124,7 @@ class BlockAttentionTorch(torch.autograd.Function):
         for c0 in range(0, nq, chunk):
             c1 = min(nq, c0 + chunk)
             c = c1 - c0
-            flat, k_off, q_off = _chunk_inputs(kv_index, kv_count, k_valid, q_valid, c0, c1, nk, H)
-            kg = kh.index_select(0, flat).view(B, H, c, K * bs, D).float()
-            vg = vh.index_select(0, flat).view(B, H, c, K * bs, D).float()
+            flat, k_off, q_off, kg, vg = _gather_chunk(kh, vh, kv_index, kv_count, k_valid, q_valid, c0, c1, nk)
             qs = qh[:, :, c0:c1].float() * scale
             lse_c = lse[:, :, c0:c1, :, None]
             empty = ~torch.isfinite(lse_c)
