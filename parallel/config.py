@@ -16,6 +16,9 @@ class ParallelConfig:
     dp_shard: int = -1  # -1: whatever is left of the world size
     cp: int = 1
     cp_mode: str = "ring"
+    # (ch, cw): each frame's token grid is cut into ch x cw tiles, one per cp rank (ch * cw = cp);
+    # None: per resolution, the split with the least padding (parallel/context_parallel/layout.py)
+    cp_split_hw: tuple[int, int] | None = None
     tp: int = 1
     mixed_precision: str = "bf16"  # compute dtype on GPU: bf16 | fp32 (reduce and master weights stay fp32)
     cpu_offload: bool = False
@@ -28,6 +31,11 @@ class ParallelConfig:
         require(self.dp_replicate >= 1, f"{prefix}.dp_replicate", f"must be >= 1, got {self.dp_replicate}")
         require(self.dp_shard == -1 or self.dp_shard >= 1, f"{prefix}.dp_shard", f"must be -1 or >= 1, got {self.dp_shard}")
         require(self.cp >= 1, f"{prefix}.cp", f"must be >= 1, got {self.cp}")
+        if self.cp_split_hw is not None:
+            ch, cw = self.cp_split_hw
+            require(ch >= 1 and cw >= 1 and ch * cw == self.cp, f"{prefix}.cp_split_hw",
+                    f"must be [ch, cw] with ch * cw = cp = {self.cp}, got {list(self.cp_split_hw)}; or null for the "
+                    f"split with the least padding")
         require(self.tp >= 1, f"{prefix}.tp", f"must be >= 1, got {self.tp}")
         require(self.cp_mode in ("ring", "ulysses"), f"{prefix}.cp_mode", f"must be ring|ulysses, got {self.cp_mode!r}")
         require(self.mixed_precision in ("bf16", "fp32"), f"{prefix}.mixed_precision", f"must be bf16|fp32, got {self.mixed_precision!r}")

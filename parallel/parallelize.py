@@ -31,7 +31,7 @@ def apply_compile(model: torch.nn.Module) -> None:
 def apply_context_parallel_op(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> None:
     from parallel.context_parallel import apply_context_parallel
 
-    apply_context_parallel(model, dims.submesh("cp"), cfg.cp_mode)
+    apply_context_parallel(model, dims.submesh("cp"), cfg.cp_mode, cfg.cp_split_hw)
 
 
 def parallelize_model(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> torch.nn.Module:

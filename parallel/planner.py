@@ -32,7 +32,7 @@ Activations (bf16 compute, per latent token per block), measured with saved-tens
   output (10D);
 - 8*F: SwiGLU's w1 and w3 outputs, the SiLU and the product (bf16).
 
-Tokens per rank are ``tokens / cp``. With activation checkpointing every k-th block, a checkpointed block
+Tokens per rank are ``tokens / cp``, padding included (``parallel/context_parallel/layout.py``). With activation checkpointing every k-th block, a checkpointed block
 keeps only its bf16 input (2*D per token) and one block is recomputed at a time during backward::
 
     acts = tokens/cp * batch * (n_ckpt * 2*D + (depth - n_ckpt) * per_block + [n_ckpt > 0] * per_block)
@@ -210,9 +210,16 @@ def plan(model_cfg, pcfg, world_size: int, bucket, batch: int = 1, text_len: int
     dims.check_model(model_cfg)
     grid = latent_grid(bucket, model_cfg.patch_size)
     tokens = grid[0] * grid[1] * grid[2]
-    if dims.cp > 1 and grid[1] % dims.cp:
-        raise ConfigError(f"parallel.cp: the token grid height {grid[1]} of data.bucket={list(bucket)} is not "
-                          f"divisible by cp={dims.cp} (tokens are sharded along H)")
+    # Context parallelism tiles each frame (padded to equal tiles): activations follow the padded count.
+    cp_layout = None
+    sharded_tokens = tokens
+    if dims.cp > 1:
+        from parallel.context_parallel.layout import choose_layout
+
+        unit = tuple(model_cfg.bsa.chunk_3d_shape_q[1:]) if (model_cfg.attention == "bsa"
+                                                              and pcfg.cp_mode == "ring") else (1, 1)
+        cp_layout = choose_layout(grid[1], grid[2], dims.cp, unit, pcfg.cp_split_hw)
+        sharded_tokens = grid[0] * cp_layout.padded[0] * cp_layout.padded[1]
     shards = shards or real_sharding(model_cfg, pcfg, world_size)
     P_local, P_block = shards.params_local, shards.block_local_unsharded
     offload = pcfg.cpu_offload
@@ -230,9 +237,9 @@ def plan(model_cfg, pcfg, world_size: int, bucket, batch: int = 1, text_len: int
         transient = 2 * cbytes * P_block + 4 * P_block
     if offload:
         params = grads = optim = 0.0
-    acts_full = activation_bytes(model_cfg, tokens, batch, dims.cp, dims.tp, 0)
-    acts = activation_bytes(model_cfg, tokens, batch, dims.cp, dims.tp, pcfg.activation_checkpointing)
-    acts_ckpt_all = activation_bytes(model_cfg, tokens, batch, dims.cp, dims.tp, 1)
+    acts_full = activation_bytes(model_cfg, sharded_tokens, batch, dims.cp, dims.tp, 0)
+    acts = activation_bytes(model_cfg, sharded_tokens, batch, dims.cp, dims.tp, pcfg.activation_checkpointing)
+    acts_ckpt_all = activation_bytes(model_cfg, sharded_tokens, batch, dims.cp, dims.tp, 1)
     fwd = forward_flops(model_cfg, grid, text_len) * batch
     depth = model_cfg.depth
     n_ckpt = 0 if not pcfg.activation_checkpointing else len(range(0, depth, pcfg.activation_checkpointing))
@@ -245,7 +252,8 @@ def plan(model_cfg, pcfg, world_size: int, bucket, batch: int = 1, text_len: int
     return {
         "layout": dims.describe(), "engine": pcfg.engine, "gpu": gpu,
         "bucket": list(bucket), "latent_grid": list(grid), "tokens_per_sample": tokens,
-        "tokens_per_rank": math.ceil(tokens / dims.cp) * batch, "global_batch": global_batch,
+        "tokens_per_rank": math.ceil(sharded_tokens / dims.cp) * batch, "global_batch": global_batch,
+        "cp_layout": cp_layout.describe() if cp_layout else None,
         "params_total": shards.params_total, "params_local": P_local, "sharding_measured": shards.measured,
         "mem_gib": {"params": params / GIB, "grads": grads / GIB, "optimizer": optim / GIB,
                     "fsdp_transient": transient / GIB, "activations": acts / GIB,
@@ -264,6 +272,7 @@ def format_plan(p: dict) -> str:
         f"layout        {p['layout']}  engine={p['engine']}",
         f"bucket        {p['bucket']} px -> latent grid {p['latent_grid']} = {p['tokens_per_sample']} tokens/sample; "
         f"{p['tokens_per_rank']} tokens/rank/micro-step; global batch {p['global_batch']}",
+        *([f"context par.  {p['cp_layout']}"] if p.get("cp_layout") else []),
         f"parameters    {p['params_total'] / 1e9:.2f}B total, {p['params_local'] / 1e6:.1f}M on this rank "
         f"({'real FSDP2/TP sharding on meta' if p['sharding_measured'] else 'formula'})",
         "memory / GPU (GiB)",

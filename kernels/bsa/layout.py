@@ -26,13 +26,18 @@ def num_blocks(latent_shape, block_shape) -> tuple[int, int, int]:
     return tuple(-(-s // b) for s, b in zip(latent_shape, block_shape))
 
 
-def block_valid_mask(latent_shape, block_shape, device=None) -> torch.Tensor:
-    """``[nb, bs]`` bool: True where the block slot holds a real (non-padded) token."""
+def block_valid_mask(latent_shape, block_shape, device=None, valid_shape=None) -> torch.Tensor:
+    """``[nb, bs]`` bool: True where the block slot holds a real (non-padded) token.
+
+    ``valid_shape`` (default ``latent_shape``) marks only its leading ``(t, h, w)`` corner of the latent as
+    real: context parallelism passes a rank's tile, whose trailing rows and columns may be padding too.
+    Blocks may then hold no real token at all."""
     latent_shape, block_shape = _check_shapes(latent_shape, block_shape)
+    limits = latent_shape if valid_shape is None else tuple(min(int(v), s) for v, s in zip(valid_shape, latent_shape))
     nt, nh, nw = num_blocks(latent_shape, block_shape)
     bt, bh, bw = block_shape
     axes = []
-    for n, b, s in zip((nt, nh, nw), block_shape, latent_shape):
+    for n, b, s in zip((nt, nh, nw), block_shape, limits):
         axes.append((torch.arange(n * b, device=device) < s).view(n, b))
     vt, vh, vw = axes
     valid = vt[:, None, None, :, None, None] & vh[None, :, None, None, :, None] & vw[None, None, :, None, None, :]

@@ -6,12 +6,14 @@ object is how block-sparse attention (``BlockSparseAttentionOp``) and context pa
 
 An operator also owns *where tokens live*: ``shard_tokens``/``gather_tokens`` map the full token grid
 ``[B, T, H, W, ...]`` (patch units) to the part this process computes and back. The default keeps
-everything local. A context-parallel operator shards along H (for block-sparse ring attention on video,
-in whole 3D blocks per rank), so the condition/noisy split along T stays local on every rank.
+everything local. A context-parallel operator gives each rank an H x W tile of every frame (padded when
+the grid does not divide; whole 3D blocks for block-sparse ring attention), so the condition/noisy split
+along T stays local on every rank.
 
-Grids passed to ``self_attention`` are the *local* (T, H, W) token grids of the queries and keys, tokens
-in T-H-W raster order; for the noisy-queries call, the key grid starts ``kv_grid[0] - q_grid[0]`` frames
-earlier than the query grid (the condition frames).
+Grids passed to ``self_attention`` are the *full* (T, H, W) token grids of the queries and keys; the
+tokens are this process's part of them (all of them by default), in T-H-W raster order of that part. For
+the noisy-queries call, the key grid starts ``kv_grid[0] - q_grid[0]`` frames earlier than the query grid
+(the condition frames).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class AttentionOp:
         ``[T, H, W, ...]`` is passed with a leading batch of 1)."""
         return x
 
-    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``shard_tokens`` with gradients flowing back to the local part."""
+    def gather_tokens(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Inverse of ``shard_tokens`` with gradients flowing back to the local part; ``grid`` is the full
+        (T, H, W) token grid."""
         return x
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_grid: Grid, kv_grid: Grid

@@ -109,7 +109,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, num_cond: int, grid: Grid, op: AttentionOp, cache: BlockCache | None,
                 cache_mode: str | None):
-        """x ``[B, T, S, C]`` (local tokens); cos/sin ``[T(_full), S, hd/2]`` for the frames of ``x`` —
+        """x ``[B, T, S, C]`` (local tokens); ``grid`` the full (T, H, W) token grid of ``x``'s frames;
+        cos/sin ``[T(_full), S, hd/2]`` for the frames of ``x`` —
         when reading a cache, cos/sin cover condition frames first, then the frames of ``x``."""
         B, T, S, _ = x.shape
         # Head dim from the projection's width, so ``heads`` may be a per-rank count under tensor parallel.
@@ -341,11 +342,11 @@ class LongCatDiT(nn.Module):
 
         x = op.shard_tokens(x)
         local = tuple(x.shape[1:4])
-        x = x.flatten(2, 3)  # [B, T, S, C]
+        x = x.flatten(2, 3)  # [B, T, S, C], S this process's tokens per frame
         for block, cache in zip(self.blocks, caches):
-            x = block(x, temb, y, key_mask, cos, sin, num_cond, local, op, cache, mode)
+            x = block(x, temb, y, key_mask, cos, sin, num_cond, grid, op, cache, mode)
         x = self.final_layer(x, temb)
-        x = op.gather_tokens(x.unflatten(2, local[1:]))
+        x = op.gather_tokens(x.unflatten(2, local[1:]), grid)
         return self._unpatchify(x, grid)
 
     @torch.no_grad()
@@ -356,12 +357,10 @@ class LongCatDiT(nn.Module):
         x, grid = self._patchify(cond_latents)
         temb = self.t_embedder(torch.zeros(B, grid[0], device=cond_latents.device))
         cos, sin = self._rope(grid, cond_latents.device)
-        x = op.shard_tokens(x)
-        local = tuple(x.shape[1:4])
-        x = x.flatten(2, 3)
+        x = op.shard_tokens(x).flatten(2, 3)
         cache = ConditionCache(num_cond_latents=grid[0], grid=grid, blocks=[BlockCache() for _ in self.blocks])
         for block, bc in zip(self.blocks, cache.blocks):
-            x = block(x, temb, None, None, cos, sin, grid[0], local, op, bc, "write")
+            x = block(x, temb, None, None, cos, sin, grid[0], grid, op, bc, "write")
         return cache
 
     # -- bookkeeping ---------------------------------------------------------------------------

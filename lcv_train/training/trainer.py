@@ -174,10 +174,11 @@ class Trainer:
         from data_loaders import build_loader
 
         op = self._core_model().attention_op
-        if hasattr(op, "check_grid"):  # context parallelism: every bucket must shard evenly, checked now
-            for frames, height, _ in dcfg.buckets:
-                rows = height // (self.codec.spatial_stride * self.cfg.model.patch_size[1])
-                op.check_grid(rows, self.codec.latent_frames(frames))
+        if hasattr(op, "layout") and self.rank == 0:  # context parallelism: say how each bucket is tiled
+            stride = self.codec.spatial_stride
+            for frames, height, width in dcfg.buckets:
+                rows, cols = height // (stride * self.cfg.model.patch_size[1]), width // (stride * self.cfg.model.patch_size[2])
+                log.info("context parallel, bucket %dx%dx%d: %s", frames, height, width, op.layout(rows, cols).describe())
         return build_loader(dcfg, self.dims.dp_rank, self.dims.dp_size, self.cfg.run.seed)
 
     def _state(self) -> dict:

@@ -44,51 +44,33 @@ def _check_divisible(x: torch.Tensor, dim: int, cp: int) -> None:
                          f"{cp} equal context-parallel shards: {x.shape[dim]} % {cp} != 0")
 
 
-def _all_gather_cat(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
-    cp = group_size(group)
-    parts = [torch.empty_like(x) for _ in range(cp)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
-class _Split(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        cp, r = group_size(group), group_rank(group)
-        _check_divisible(x, dim, cp)
-        ctx.dim, ctx.cp, ctx.r, ctx.full = dim, cp, r, x.shape[dim]
-        return x.chunk(cp, dim=dim)[r].contiguous()
+class _AllGatherStack(torch.autograd.Function):
+    """``[cp, *x.shape]``: every rank's ``x`` in rank order. Backward: sum the gradient over ranks (the adjoint
+    of the all-gather under the module's convention), then this rank's entry."""
 
     @staticmethod
-    def backward(ctx, grad):
-        full = list(grad.shape)
-        full[ctx.dim] = ctx.full
-        out = grad.new_zeros(full)
-        n = grad.shape[ctx.dim]
-        out.narrow(ctx.dim, ctx.r * n, n).copy_(grad)
-        return out, None, None
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        ctx.cp, ctx.r = group_size(group), group_rank(group)
-        return _all_gather_cat(x, dim, group)
+    def forward(ctx, x, group):
+        ctx.group, ctx.r = group, group_rank(group)
+        out = x.new_empty((group_size(group),) + tuple(x.shape))
+        dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
-        return grad.chunk(ctx.cp, dim=ctx.dim)[ctx.r].contiguous(), None, None
+        return grad[ctx.r], None
 
 
 def split_tokens(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
     """This rank's equal slice of ``x`` along ``dim`` (rank r gets chunk r). Backward: zero-padded gradient
     (see the module docstring for why). Identity when the group has one rank."""
-    if group_size(group) == 1:
+    cp = group_size(group)
+    if cp == 1:
         return x
-    return _Split.apply(x, dim, group)
+    _check_divisible(x, dim, cp)
+    n = x.shape[dim] // cp
+    return x.narrow(dim, group_rank(group) * n, n)
 
 
 def gather_tokens(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
@@ -96,7 +78,38 @@ def gather_tokens(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torc
     slice. Identity when the group has one rank."""
     if group_size(group) == 1:
         return x
-    return _Gather.apply(x, dim, group)
+    return torch.cat(_AllGatherStack.apply(x, group).unbind(0), dim=dim)
+
+
+# -- split / gather of the token grid by a ShardLayout (H x W tiles, padded) ------------------------
+
+def split_grid(x: torch.Tensor, layout, group: ProcessGroup | None) -> torch.Tensor:
+    """``x [B, T, H, W, ...]`` (full grid) -> this rank's tile ``[B, T, th, tw, ...]`` of the zero-padded grid
+    (``layout``: a ``ShardLayout``). Backward: the tile's gradient in place, zeros elsewhere."""
+    B, T, H, W = x.shape[:4]
+    if (H, W) != (layout.height, layout.width):
+        raise ValueError(f"grid {H}x{W} does not match the layout's {layout.height}x{layout.width}")
+    ph, pw = layout.padded
+    if (ph, pw) != (H, W):
+        padded = x.new_zeros((B, T, ph, pw) + tuple(x.shape[4:]))
+        padded[:, :, :H, :W] = x
+        x = padded
+    (r0, c0), (th, tw) = layout.offset(group_rank(group)), layout.tile
+    return x[:, :, r0:r0 + th, c0:c0 + tw]
+
+
+def gather_grid(x: torch.Tensor, layout, group: ProcessGroup | None) -> torch.Tensor:
+    """Inverse of ``split_grid``: every rank's tile ``[B, T, th, tw, ...]`` -> the full ``[B, T, H, W, ...]``,
+    padding dropped. Backward: sum over ranks, then this rank's tile (the module's convention)."""
+    (ch, cw), (th, tw) = layout.split, layout.tile
+    if tuple(x.shape[2:4]) != (th, tw):
+        raise ValueError(f"tile {tuple(x.shape[2:4])} does not match the layout's {th}x{tw}")
+    B, T, rest = x.shape[0], x.shape[1], tuple(x.shape[4:])
+    tiles = _AllGatherStack.apply(x, group) if group_size(group) > 1 else x[None]
+    nr = len(rest)
+    full = tiles.view(ch, cw, B, T, th, tw, *rest).permute(2, 3, 0, 4, 1, 5, *range(6, 6 + nr))
+    full = full.reshape(B, T, ch * th, cw * tw, *rest)
+    return full[:, :, :layout.height, :layout.width]
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 """Context-parallel attention operators for the DiT, and ``apply_context_parallel``.
 
-Both operators shard the token grid along H (rank r holds rows ``[r*H/cp, (r+1)*H/cp)`` of every frame), so
-the condition/noisy split along T stays local and each of the model's ``self_attention`` calls (condition
-queries over condition keys, noisy queries over all keys) is context-parallel on its own.
+Both operators shard every frame's H x W token grid into ``ch x cw`` tiles, one per rank (``layout.py``:
+padded when the sizes do not divide, whole 3D blocks for block-sparse ring attention), so the
+condition/noisy split along T stays local and each of the model's ``self_attention`` calls (condition
+queries over condition keys, noisy queries over all keys) is context-parallel on its own. The grids the
+model passes are the full ones; the operator derives the tiles from them.
 
 * ``RingAttentionOp``: queries stay put, K/V shards circulate (``ring.py``); dense or block-sparse.
 * ``UlyssesAttentionOp``: all-to-all from (local tokens, all heads) to (all tokens, heads/cp), the single-
@@ -20,7 +22,8 @@ from torch.distributed import ProcessGroup
 
 from lcv_train.errors import ConfigError
 from lcv_train.model.attention import AttentionOp, BlockSparseAttentionOp, Grid
-from parallel.context_parallel.comm import all_to_all, gather_tokens, group_rank, group_size, split_tokens
+from parallel.context_parallel.comm import all_to_all, gather_grid, group_rank, group_size, split_grid
+from parallel.context_parallel.layout import ShardLayout, choose_layout
 from parallel.context_parallel.ring import bsa_ring_attention, dense_ring_attention
 
 _INNER = ("dense", "bsa")
@@ -30,14 +33,15 @@ class _ContextParallelOp(AttentionOp):
     """Shared by both modes. ``group``: the cp process group (None = WORLD; one rank = plain attention).
     ``inner``: "dense" or "bsa"; the BSA settings (``sparsity``, ``block_shape``, ``cdf_threshold``,
     ``backend`` of ``kernels.bsa``) mean what they mean for ``BlockSparseAttentionOp``; ``dense_backend``
-    is the ``kernels.attention`` backend of the dense ring steps. ``name`` is the inner kind, as for the
-    single-process operators; ``cp_mode`` is "ring" or "ulysses"."""
+    is the ``kernels.attention`` backend of the dense ring steps; ``split_hw`` fixes the ``(ch, cw)`` tiling
+    (None: the least padding, per grid). ``name`` is the inner kind, as for the single-process operators;
+    ``cp_mode`` is "ring" or "ulysses"."""
 
     cp_mode = ""
 
     def __init__(self, group: ProcessGroup | None, inner: str = "dense", *, sparsity: float = 0.9375,
                  block_shape: Grid = (4, 4, 4), cdf_threshold: float | None = None, backend: str = "auto",
-                 dense_backend: str = "auto"):
+                 dense_backend: str = "auto", split_hw=None):
         if inner not in _INNER:
             raise ConfigError(f"model.attention must be one of {_INNER} under context parallelism, got {inner!r}")
         self.group = group
@@ -49,30 +53,25 @@ class _ContextParallelOp(AttentionOp):
         self.cdf_threshold = cdf_threshold
         self.backend = backend
         self.dense_backend = dense_backend
+        self.split_hw = tuple(int(s) for s in split_hw) if split_hw is not None else None
+        if self.split_hw is not None:
+            choose_layout(1, 1, self.cp, split=self.split_hw)  # a bad split fails now, not at the first step
 
     # -- token layout ---------------------------------------------------------------------------
-    def _height_unit(self, frames: int) -> int:
-        """Rows each rank's share must be a multiple of: whole blocks when block-sparse attention runs on
-        the shards (video, T > 1), else 1."""
-        return self.block_shape[1] if self.name == "bsa" and frames > 1 else 1
+    def _unit(self) -> tuple[int, int]:
+        """Tile sizes must be multiples of this: whole 3D blocks when block-sparse attention runs on the
+        tiles. Images (T = 1) attend densely but share the video layout, so it does not depend on T."""
+        return self.block_shape[1:] if self.name == "bsa" else (1, 1)
 
-    def check_grid(self, height: int, frames: int = 2) -> None:
-        """Raise a clear error when a full token grid of ``frames`` x ``height`` rows cannot be sharded."""
-        unit = self._height_unit(frames)
-        if height % (self.cp * unit) != 0:
-            what = f"cp * block_h = {self.cp} * {unit}" if unit > 1 else f"cp = {self.cp}"
-            raise ConfigError(
-                f"parallel.cp={self.cp} ({self.cp_mode}, {self.name} attention): the latent token grid height "
-                f"H={height} (patch units) must be divisible by {what} = {self.cp * unit}, because each rank "
-                f"holds H/cp rows{' made of whole 3D blocks' if unit > 1 else ''}; use a resolution bucket "
-                f"whose height is a multiple of {self.cp * unit} patches, or a smaller parallel.cp")
+    def layout(self, height: int, width: int) -> ShardLayout:
+        """How a full ``height x width`` token grid is tiled over the cp ranks."""
+        return choose_layout(height, width, self.cp, self._unit(), self.split_hw)
 
     def shard_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_grid(x.shape[2], x.shape[1])
-        return split_tokens(x, 2, self.group)
+        return split_grid(x, self.layout(x.shape[2], x.shape[3]), self.group)
 
-    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_tokens(x, 2, self.group)
+    def gather_tokens(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        return gather_grid(x, self.layout(grid[1], grid[2]), self.group)
 
     def _use_bsa(self, q_grid: Grid, kv_grid: Grid) -> bool:
         # Same rule as BlockSparseAttentionOp: block-sparse only on video (T > 1).
@@ -85,7 +84,8 @@ class _ContextParallelOp(AttentionOp):
         return AttentionOp()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(cp={self.cp}, inner={self.name!r})"
+        split = f", split_hw={self.split_hw}" if self.split_hw else ""
+        return f"{type(self).__name__}(cp={self.cp}, inner={self.name!r}{split})"
 
 
 class RingAttentionOp(_ContextParallelOp):
@@ -94,11 +94,11 @@ class RingAttentionOp(_ContextParallelOp):
     cp_mode = "ring"
 
     def self_attention(self, q, k, v, q_grid, kv_grid):
+        layout = self.layout(q_grid[1], q_grid[2])
         if self._use_bsa(q_grid, kv_grid):
-            self.check_grid(q_grid[1] * self.cp)
             return bsa_ring_attention(q, k, v, q_grid, kv_grid, self.group, self.block_shape, self.sparsity,
-                                      self.cdf_threshold, self.backend)
-        return dense_ring_attention(q, k, v, self.group, backend=self.dense_backend)
+                                      self.cdf_threshold, self.backend, layout=layout)
+        return dense_ring_attention(q, k, v, self.group, backend=self.dense_backend, layout=layout)
 
 
 class UlyssesAttentionOp(_ContextParallelOp):
@@ -110,32 +110,40 @@ class UlyssesAttentionOp(_ContextParallelOp):
         super().__init__(group, inner, **kwargs)
         self._inner = self.inner_op()
 
-    def _height_unit(self, frames: int) -> int:
-        return 1  # block-sparse attention runs on the full grid after the all-to-all
+    def _unit(self) -> tuple[int, int]:
+        return (1, 1)  # block-sparse attention runs on the full grid after the all-to-all
 
-    def _to_full(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """``[B, T*h*W, heads, D]`` local -> ``[B, T*H*W, heads/cp, D]`` in full-grid raster order."""
+    def _to_full(self, x: torch.Tensor, grid: Grid, layout: ShardLayout) -> torch.Tensor:
+        """``[B, T*th*tw, heads, D]`` local tile -> ``[B, T*H*W, heads/cp, D]`` in full-grid raster order."""
         B, _, heads, D = x.shape
         if heads % self.cp != 0:
             raise ConfigError(f"parallel.cp_mode=ulysses needs the number of attention heads ({heads}) to be "
                               f"divisible by parallel.cp={self.cp}; use cp_mode=ring or a cp dividing {heads}")
-        T, h, W = grid
-        x = all_to_all(x, 2, 1, self.group)  # sequence is now rank-major: [cp, T, h, W]
-        x = x.view(B, self.cp, T, h, W, heads // self.cp, D).transpose(1, 2)
-        return x.reshape(B, T * self.cp * h * W, heads // self.cp, D)
+        (ch, cw), (th, tw) = layout.split, layout.tile
+        T = grid[0]
+        x = all_to_all(x, 2, 1, self.group)  # sequence is now rank-major: [ch, cw, T, th, tw]
+        x = x.view(B, ch, cw, T, th, tw, heads // self.cp, D).permute(0, 3, 1, 4, 2, 5, 6, 7)
+        x = x.reshape(B, T, ch * th, cw * tw, heads // self.cp, D)[:, :, :layout.height, :layout.width]
+        return x.reshape(B, T * layout.height * layout.width, heads // self.cp, D)
 
-    def _to_local(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    def _to_local(self, x: torch.Tensor, grid: Grid, layout: ShardLayout) -> torch.Tensor:
         B, _, hh, D = x.shape
-        T, h, W = grid
-        x = x.view(B, T, self.cp, h, W, hh, D).transpose(1, 2).reshape(B, self.cp * T * h * W, hh, D)
+        (ch, cw), (th, tw), (ph, pw) = layout.split, layout.tile, layout.padded
+        T, H, W = grid
+        x = x.view(B, T, H, W, hh, D)
+        if (ph, pw) != (H, W):
+            padded = x.new_zeros(B, T, ph, pw, hh, D)
+            padded[:, :, :H, :W] = x
+            x = padded
+        x = x.view(B, T, ch, th, cw, tw, hh, D).permute(0, 2, 4, 1, 3, 5, 6, 7).reshape(B, self.cp * T * th * tw, hh, D)
         return all_to_all(x, 1, 2, self.group)
 
     def self_attention(self, q, k, v, q_grid, kv_grid):
-        full = lambda g: (g[0], g[1] * self.cp, g[2])  # noqa: E731
-        qf = self._to_full(q, q_grid)
-        kf, vf = self._to_full(k, kv_grid), self._to_full(v, kv_grid)
-        out = self._inner.self_attention(qf, kf, vf, full(q_grid), full(kv_grid))
-        return self._to_local(out, q_grid)
+        layout = self.layout(q_grid[1], q_grid[2])
+        qf = self._to_full(q, q_grid, layout)
+        kf, vf = self._to_full(k, kv_grid, layout), self._to_full(v, kv_grid, layout)
+        out = self._inner.self_attention(qf, kf, vf, q_grid, kv_grid)
+        return self._to_local(out, q_grid, layout)
 
 
 _MODES = {"ring": RingAttentionOp, "ulysses": UlyssesAttentionOp}
@@ -157,28 +165,30 @@ def resolve_cp_group(group_or_mesh) -> ProcessGroup:
     return group_or_mesh
 
 
-def make_context_parallel_op(inner_op: AttentionOp, group: ProcessGroup, mode: str = "ring") -> _ContextParallelOp:
+def make_context_parallel_op(inner_op: AttentionOp, group: ProcessGroup, mode: str = "ring",
+                             split_hw=None) -> _ContextParallelOp:
     """The context-parallel version of a single-process operator (dense ``AttentionOp`` or
-    ``BlockSparseAttentionOp``), keeping its sparsity settings."""
+    ``BlockSparseAttentionOp``), keeping its sparsity settings; ``split_hw`` as for the operators."""
     if mode not in _MODES:
         raise ConfigError(f"parallel.cp_mode must be one of {sorted(_MODES)}, got {mode!r}")
     if isinstance(inner_op, _ContextParallelOp):
         raise ValueError(f"attention operator {inner_op!r} is already context-parallel")
     if getattr(inner_op, "name", None) == "bsa":
         return _MODES[mode](group, "bsa", sparsity=inner_op.sparsity, block_shape=inner_op.block_shape,
-                            cdf_threshold=inner_op.cdf_threshold, backend=inner_op.backend)
+                            cdf_threshold=inner_op.cdf_threshold, backend=inner_op.backend, split_hw=split_hw)
     if type(inner_op) is AttentionOp or getattr(inner_op, "name", None) == "dense":
-        return _MODES[mode](group, "dense")
+        return _MODES[mode](group, "dense", split_hw=split_hw)
     raise ValueError(f"apply_context_parallel: unknown attention operator {inner_op!r} (name "
                      f"{getattr(inner_op, 'name', None)!r}); expected 'dense' or 'bsa'")
 
 
-def apply_context_parallel(model, group_or_mesh=None, mode: str = "ring"):
+def apply_context_parallel(model, group_or_mesh=None, mode: str = "ring", split_hw=None):
     """Swap ``model.attention_op`` for its context-parallel version over ``group_or_mesh`` (in place).
 
-    The model then shards its token grid along H right after patchify and gathers it before unpatchify;
-    parameters stay replicated. Average parameter gradients over the cp group (see ``comm.py``).
+    The model then shards its token grid into H x W tiles right after patchify (``split_hw``: the tiling,
+    None for the least padding) and gathers it before unpatchify; parameters stay replicated. Average
+    parameter gradients over the cp group (see ``comm.py``).
     """
     group = resolve_cp_group(group_or_mesh)
-    model.attention_op = make_context_parallel_op(model.attention_op, group, mode)
+    model.attention_op = make_context_parallel_op(model.attention_op, group, mode, split_hw)
     return model

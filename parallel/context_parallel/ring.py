@@ -33,7 +33,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from kernels.attention import dense_attention, flash_attn_available
-from parallel.context_parallel.comm import RingShift, group_size, pack, unpack
+from parallel.context_parallel.comm import RingShift, group_rank, group_size, pack, unpack
 
 # fp32 elements of one dense score chunk [B, H, rows, Sk]: 16 MiB per temporary on CPU, 512 MiB on GPU.
 CHUNK_ELEMS = 1 << 22
@@ -63,12 +63,41 @@ def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, out_s: tor
 
 
 class DenseStep:
-    """Dense attention of the local queries over a whole visiting shard. Layout ``[B, S, H, D]``."""
+    """Dense attention of the local queries over a whole visiting shard. Layout ``[B, S, H, D]``.
 
-    def __init__(self, scale: float | None = None, backend: str = "auto"):
+    With a padded layout (``tile = (th, tw)`` and ``valid[s] = (rows, cols)`` of real tokens in the tile
+    visiting at step ``s``), the visiting keys are cut to their real rows and columns first, so padding is
+    never attended; a shard with no real token is skipped. Padded queries attend like real ones (finite,
+    dropped by the gather, zero gradient)."""
+
+    def __init__(self, scale: float | None = None, backend: str = "auto", tile=None, valid=None):
         self.scale, self.backend = scale, backend
+        self.tile, self.valid = tile, valid
+
+    def _cut(self, step: int):
+        """(rows, cols) to keep of the visiting tile, or None to keep it whole."""
+        if self.valid is None or tuple(self.valid[step]) == tuple(self.tile):
+            return None
+        return self.valid[step]
+
+    def _real_keys(self, t: torch.Tensor, cut) -> torch.Tensor:
+        B, S, H, D = t.shape
+        th, tw = self.tile
+        return t.view(B, S // (th * tw), th, tw, H, D)[:, :, :cut[0], :cut[1]].reshape(B, -1, H, D)
+
+    def _pad_keys(self, g: torch.Tensor, like: torch.Tensor, cut) -> torch.Tensor:
+        B, S, H, D = like.shape
+        th, tw = self.tile
+        full = g.new_zeros(B, S // (th * tw), th, tw, H, D)
+        full[:, :, :cut[0], :cut[1]] = g.view(B, S // (th * tw), cut[0], cut[1], H, D)
+        return full.view(B, S, H, D)
 
     def forward(self, q, k, v, step: int):
+        cut = self._cut(step)
+        if cut is not None:
+            if min(cut) == 0:
+                return None
+            k, v = self._real_keys(k, cut), self._real_keys(v, cut)
         if self.backend == "flash" or (self.backend == "auto" and q.is_cuda and flash_attn_available()
                                        and q.dtype in (torch.float16, torch.bfloat16)):
             out, lse = dense_attention(q, k, v, scale=self.scale, return_lse=True, backend=self.backend)
@@ -86,6 +115,12 @@ class DenseStep:
         return out.transpose(1, 2), lse.transpose(1, 2)
 
     def backward(self, q, k, v, step: int, out, lse, dout, delta):
+        cut = self._cut(step)
+        if cut is not None:
+            if min(cut) == 0:
+                return None
+            k_full = k
+            k, v = self._real_keys(k, cut), self._real_keys(v, cut)
         B, Sq, H, D = q.shape
         Sk = k.shape[1]
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(D)
@@ -101,25 +136,29 @@ class DenseStep:
             ds = p * (torch.matmul(doc, vh.transpose(-1, -2)) - delta_h[:, :, c0:c1])
             dq[:, :, c0:c1] = torch.matmul(ds, kh) * scale
             dk += torch.matmul(ds.transpose(-1, -2), qc) * scale
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        if cut is not None:
+            dk, dv = self._pad_keys(dk, k_full, cut), self._pad_keys(dv, k_full, cut)
+        return dq, dk, dv
 
 
 class BlockSparseStep:
     """Block attention of the local query blocks over the selected key blocks the visiting shard holds.
 
-    Layout ``[B, nb, bs, H, D]``; ``steps[s]`` is ``(kv_index, kv_count)`` in the *visiting shard's* local
-    block ids for ring step ``s``, or ``None`` when no query block selected any of its blocks.
+    Layout ``[B, nb, bs, H, D]``; ``steps[s]`` is ``(kv_index, kv_count, k_valid)`` for ring step ``s``:
+    block ids local to the *visiting shard*, and that shard's ``[nb, bs]`` validity mask (its padding); or
+    ``None`` when no query block selected any of its blocks.
     """
 
-    def __init__(self, q_valid, k_valid, steps, scale: float | None = None, backend: str = "auto"):
-        self.q_valid, self.k_valid, self.steps = q_valid, k_valid, steps
+    def __init__(self, q_valid, steps, scale: float | None = None, backend: str = "auto"):
+        self.q_valid, self.steps = q_valid, steps
         self.scale, self.backend = scale, backend
 
     def _attend(self, qb, kb, vb, step):
         from kernels.bsa import block_attention
 
-        kv_index, kv_count = self.steps[step]
-        out, lse = block_attention(qb, kb, vb, self.q_valid, self.k_valid, kv_index, kv_count, scale=self.scale,
+        kv_index, kv_count, k_valid = self.steps[step]
+        out, lse = block_attention(qb, kb, vb, self.q_valid, k_valid, kv_index, kv_count, scale=self.scale,
                                    backend=self.backend)
         return out, lse.permute(0, 2, 3, 1)
 
@@ -213,41 +252,61 @@ def ring_attention(q, k, v, group: ProcessGroup, step) -> torch.Tensor:
     return _RingAttention.apply(q, k, v, RingRunner(group, step))
 
 
-def dense_ring_attention(q, k, v, group: ProcessGroup, scale: float | None = None, backend: str = "auto"):
-    """Dense ring attention: ``q [B, Sq, H, D]`` (local) over every rank's ``k, v [B, Sk, H, D]``."""
-    return ring_attention(q, k, v, group, DenseStep(scale, backend))
+def dense_ring_attention(q, k, v, group: ProcessGroup, scale: float | None = None, backend: str = "auto",
+                         layout=None):
+    """Dense ring attention: ``q [B, Sq, H, D]`` (local) over every rank's ``k, v [B, Sk, H, D]``.
+
+    ``layout`` (a ``ShardLayout``): the tokens are tiles of it, whose padding is never attended; None: every
+    token of every shard is real."""
+    if layout is None:
+        return ring_attention(q, k, v, group, DenseStep(scale, backend))
+    valid = [layout.valid((group_rank(group) - s) % layout.cp) for s in range(layout.cp)]
+    return ring_attention(q, k, v, group, DenseStep(scale, backend, layout.tile, valid))
+
+
+def _tile_valid(frames: int, layout, rank: int, block_shape, device) -> torch.Tensor:
+    """``[nb, bs]`` validity of the blocks of ``rank``'s tile (``frames`` frames) of ``layout``."""
+    from kernels.bsa import block_valid_mask
+
+    th, tw = layout.tile
+    return block_valid_mask((frames, th, tw), block_shape, device, valid_shape=(frames,) + layout.valid(rank))
 
 
 @torch.no_grad()
-def _plan_bsa_steps(qb, kb, q_valid, k_valid, kv_grid, block_shape, group, sparsity, cdf_threshold, scale):
+def _plan_bsa_steps(qb, kb, q_valid, k_valid, kv_frames, layout, block_shape, group, sparsity, cdf_threshold,
+                    scale):
     """Select key blocks exactly as single-process BSA would on the full grid, then split the selection
     by the rank holding each key block: ``steps[s]`` lists, in the visiting shard's local block ids, the
-    blocks to attend at ring step ``s`` (the shard of rank ``(r - s) mod cp``)."""
+    blocks to attend at ring step ``s`` (the shard of rank ``(r - s) mod cp``), with its validity mask."""
     from kernels.bsa import num_blocks, pool_blocks, select_blocks
 
-    from parallel.context_parallel.comm import all_gather_no_grad, group_rank
+    from parallel.context_parallel.comm import all_gather_no_grad
 
     cp, r = group_size(group), group_rank(group)
+    (ch, cw), (th, tw) = layout.split, layout.tile
     B, H = qb.shape[0], qb.shape[3]
-    nt, nh, nw = num_blocks(kv_grid, block_shape)  # local key blocks per axis; H is split across ranks
+    nt, nh, nw = num_blocks((kv_frames, th, tw), block_shape)  # key blocks of one tile
+    _, gh, gw = num_blocks((kv_frames, layout.height, layout.width), block_shape)  # of the real full grid
     q_pooled = pool_blocks(qb, q_valid)
-    k_pooled = pool_blocks(kb, k_valid)  # [B, H, nk_local, D]
+    k_pooled = pool_blocks(kb, k_valid)  # [B, H, nk_tile, D]
     D = k_pooled.shape[-1]
     k_all = all_gather_no_grad(k_pooled, group) if cp > 1 else k_pooled[None]
-    # rank-major [cp, B, H, nt, nh, nw, D] -> global raster (tb, cp * nh, wb)
-    k_all = k_all.view(cp, B, H, nt, nh, nw, D).permute(1, 2, 3, 0, 4, 5, 6).reshape(B, H, nt * cp * nh * nw, D)
+    # rank-major [ch, cw, B, H, nt, nh, nw, D] -> the full grid's blocks (tb, hb, wb), padding-only blocks cut
+    k_all = k_all.view(ch, cw, B, H, nt, nh, nw, D).permute(2, 3, 4, 0, 5, 1, 6, 7)
+    k_all = k_all.reshape(B, H, nt, ch * nh, cw * nw, D)[:, :, :, :gh, :gw].reshape(B, H, nt * gh * gw, D)
     kv_index, kv_count = select_blocks(q_pooled, k_all, sparsity=sparsity, cdf_threshold=cdf_threshold, scale=scale)
     K = kv_index.shape[-1]
     used = torch.arange(K, device=kv_index.device) < kv_count[..., None].long()
     gid = torch.where(used, kv_index.long(), torch.zeros_like(kv_index, dtype=torch.long))
-    wb = gid % nw
-    hb = (gid // nw) % (cp * nh)
-    tb = gid // (nw * cp * nh)
-    owner = hb // nh
-    local = (tb * nh + hb % nh) * nw + wb
+    wb = gid % gw
+    hb = (gid // gw) % gh
+    tb = gid // (gw * gh)
+    owner = (hb // nh) * cw + wb // nw
+    local = (tb * nh + hb % nh) * nw + wb % nw
     steps = []
     for s in range(cp):
-        mine = used & (owner == (r - s) % cp)
+        src = (r - s) % cp
+        mine = used & (owner == src)
         count = mine.sum(-1)
         kmax = int(count.max().item()) if count.numel() else 0
         if kmax == 0:
@@ -257,33 +316,49 @@ def _plan_bsa_steps(qb, kb, q_valid, k_valid, kv_grid, block_shape, group, spars
         order = torch.sort((~mine).to(torch.uint8), dim=-1, stable=True).indices[..., :kmax]
         idx = local.gather(-1, order)
         idx = torch.where(torch.arange(kmax, device=idx.device) < count[..., None], idx, torch.full_like(idx, -1))
-        steps.append((idx.to(torch.int32).contiguous(), count.to(torch.int32)))
+        k_valid_src = k_valid if src == r else _tile_valid(kv_frames, layout, src, block_shape, kb.device)
+        steps.append((idx.to(torch.int32).contiguous(), count.to(torch.int32), k_valid_src))
     return steps
 
 
 def bsa_ring_attention(q, k, v, q_grid, kv_grid, group: ProcessGroup, block_shape=(4, 4, 4),
-                       sparsity: float = 0.9375, cdf_threshold: float | None = None, backend: str = "auto"):
-    """Block-sparse ring attention on H-sharded grids.
+                       sparsity: float = 0.9375, cdf_threshold: float | None = None, backend: str = "auto",
+                       layout=None):
+    """Block-sparse ring attention on tiled grids.
 
-    ``q [B, Sq, H, D]`` / ``k, v [B, Sk, H, D]`` are this rank's tokens in raster order of the *local*
-    grids ``q_grid`` / ``kv_grid`` (rows ``[r*h, (r+1)*h)`` of every frame of the full grids, ``h`` a
-    multiple of the block height, so local blocks are whole global blocks). Pooled keys are gathered from
-    every rank, so the selection equals single-process ``block_sparse_attention`` on the full grids; each
-    ring step attends to the selected blocks of the visiting shard and results merge by log-sum-exp.
+    ``q_grid`` / ``kv_grid`` are the *full* (T, H, W) grids; ``q [B, Sq, H, D]`` / ``k, v [B, Sk, H, D]``
+    are this rank's tile of every frame (``layout``, a ``ShardLayout`` whose tiles are whole 3D blocks;
+    default: rows split evenly, ``H % (cp * block_h) == 0``), in the tile's raster order. Pooled keys are
+    gathered from every rank, so the selection equals single-process ``block_sparse_attention`` on the full
+    grids; padding is neither pooled nor attended; each ring step attends to the selected blocks of the
+    visiting shard and results merge by log-sum-exp.
     """
     from kernels.bsa import blockify, unblockify
 
+    from parallel.context_parallel.layout import ShardLayout
+
     block_shape = tuple(int(b) for b in block_shape)
-    for name, grid in (("q_grid", q_grid), ("kv_grid", kv_grid)):
-        if grid[1] % block_shape[1] != 0:
-            raise ValueError(f"BSA ring attention: local {name} {tuple(grid)} has height {grid[1]}, not a multiple "
-                             f"of the block height {block_shape[1]}; each rank must hold whole 3D blocks "
-                             f"(full height % (cp * block_h) == 0)")
+    cp = group_size(group)
+    if tuple(q_grid[1:]) != tuple(kv_grid[1:]):
+        raise ValueError(f"BSA ring attention: q grid {tuple(q_grid)} and kv grid {tuple(kv_grid)} differ in H x W")
+    if layout is None:
+        layout = ShardLayout(q_grid[1], q_grid[2], (cp, 1), block_shape[1:])
+        if layout.padded[0] != q_grid[1]:
+            raise ValueError(f"BSA ring attention: height {q_grid[1]} is not a multiple of cp * block_h = "
+                             f"{cp} * {block_shape[1]}; pass a padded ShardLayout")
+    th, tw = layout.tile
+    if layout.cp != cp or (layout.height, layout.width) != tuple(q_grid[1:]) or th % block_shape[1] or tw % block_shape[2]:
+        raise ValueError(f"BSA ring attention: layout {layout} does not tile the grid {tuple(q_grid)} over cp={cp} "
+                         f"in whole {block_shape} blocks")
+    r = group_rank(group)
+    q_tile, kv_tile = (q_grid[0], th, tw), (kv_grid[0], th, tw)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    qb, q_valid = blockify(q, q_grid, block_shape)
-    kb, k_valid = blockify(k, kv_grid, block_shape)
-    vb, _ = blockify(v, kv_grid, block_shape)
-    steps = _plan_bsa_steps(qb.detach(), kb.detach(), q_valid, k_valid, kv_grid, block_shape, group, sparsity,
-                            cdf_threshold, scale)
-    out_b = ring_attention(qb, kb, vb, group, BlockSparseStep(q_valid, k_valid, steps, scale, backend))
-    return unblockify(out_b, q_grid, block_shape).to(q.dtype)
+    qb, _ = blockify(q, q_tile, block_shape)
+    kb, _ = blockify(k, kv_tile, block_shape)
+    vb, _ = blockify(v, kv_tile, block_shape)
+    q_valid = _tile_valid(q_grid[0], layout, r, block_shape, q.device)
+    k_valid = _tile_valid(kv_grid[0], layout, r, block_shape, k.device)
+    steps = _plan_bsa_steps(qb.detach(), kb.detach(), q_valid, k_valid, kv_grid[0], layout, block_shape, group,
+                            sparsity, cdf_threshold, scale)
+    out_b = ring_attention(qb, kb, vb, group, BlockSparseStep(q_valid, steps, scale, backend))
+    return unblockify(out_b, q_tile, block_shape).to(q.dtype)

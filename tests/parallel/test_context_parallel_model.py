@@ -3,7 +3,7 @@
 Same weights on every rank; the output (gathered on every rank) must equal the single-process output, and
 the cp-group mean of each parameter gradient must equal the single-process gradient (``comm.py``'s
 convention). T2V and VC (two condition frames) forwards share one backward; inference with the condition
-K/V cache is compared too. fp32, rtol 1e-4 / atol 1e-5.
+K/V cache is compared too; on an even grid and on one that the ranks can only share with padding. fp32, rtol 1e-4 / atol 1e-5.
 """
 
 from __future__ import annotations
@@ -43,26 +43,26 @@ def _build(attention: str):
     return model
 
 
-def _loss(model):
+def _loss(model, hw):
     g = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 16, 5, 8, 8, generator=g)
+    latents = torch.randn(1, 16, 5, *hw, generator=g)
     text = torch.randn(1, 6, 32, generator=g)
     mask = torch.tensor([[True, True, True, True, False, False]])
-    w = torch.randn(1, 16, 5, 8, 8, generator=g)
+    w = torch.randn(1, 16, 5, *hw, generator=g)
     outs = [model(latents, torch.tensor([700.0]), text, mask, num_cond_latents=nc) for nc in (0, 2)]
     loss = sum((o * w).sum() for o in outs)
     loss.backward()
     return [o.detach() for o in outs]
 
 
-def _check_model(rank, world, attention, mode):
+def _check_model(rank, world, attention, mode, hw):
     from parallel.context_parallel import apply_context_parallel
 
     ref = _build(attention)
     cp_model = copy.deepcopy(ref)
     apply_context_parallel(cp_model, dist.group.WORLD, mode)
     assert cp_model.attention_op.cp_mode == mode and cp_model.attention_op.name == attention
-    ref_outs, cp_outs = _loss(ref), _loss(cp_model)
+    ref_outs, cp_outs = _loss(ref, hw), _loss(cp_model, hw)
     for a, b in zip(cp_outs, ref_outs):
         torch.testing.assert_close(a, b, **TOL)
     for (name, p), q in zip(cp_model.named_parameters(), ref.parameters()):
@@ -71,7 +71,7 @@ def _check_model(rank, world, attention, mode):
         torch.testing.assert_close(g / world, q.grad, **TOL, msg=lambda m: f"{attention}/{mode} grad {name}: {m}")
     # inference with the condition K/V cache (sharded like the tokens)
     g = torch.Generator().manual_seed(3)
-    cond, noisy = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 16, 3, 8, 8, generator=g)
+    cond, noisy = torch.randn(1, 16, 2, *hw, generator=g), torch.randn(1, 16, 3, *hw, generator=g)
     text = torch.randn(1, 6, 32, generator=g)
     with torch.no_grad():
         outs = [m(noisy, torch.tensor([300.0]), text, None, cond_cache=m.encode_condition(cond))
@@ -79,10 +79,12 @@ def _check_model(rank, world, attention, mode):
     torch.testing.assert_close(outs[1], outs[0], **TOL)
 
 
-@pytest.mark.parametrize("mode", ["ring", "ulysses"])
-@pytest.mark.parametrize("attention", ["dense", "bsa"])
-def test_tiny_dit_context_parallel_matches_single_process(attention, mode):
-    get_pool(2).run(_check_model, attention, mode)
+@pytest.mark.parametrize("attention,mode,hw", [
+    ("dense", "ring", (8, 8)), ("dense", "ulysses", (8, 8)), ("bsa", "ring", (8, 8)), ("bsa", "ulysses", (8, 8)),
+    # a 5 x 3 token grid: padded tiles (BSA ring: 1 x 2 tiles of 6 x 2, whole 2 x 2 blocks)
+    ("dense", "ring", (10, 6)), ("bsa", "ring", (10, 6)), ("bsa", "ulysses", (10, 6))])
+def test_tiny_dit_context_parallel_matches_single_process(attention, mode, hw):
+    get_pool(2).run(_check_model, attention, mode, hw)
 
 
 def _check_fsdp(rank, world):

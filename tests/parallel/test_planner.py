@@ -80,3 +80,15 @@ def test_latent_grid():
     assert planner.latent_grid([1, 480, 832]) == (1, 30, 52)
     with pytest.raises(ConfigError):
         planner.latent_grid([93, 484, 832])
+
+
+def test_plan_counts_context_parallel_padding(big):
+    """720p at cp=8 with BSA: 4 x 2 tiles of 12 x 40 tokens (45 rows padded to 48) -> 24 * 12 * 40 per rank."""
+    shards = planner.ShardInfo(13_580_000_000, 13_580_000_000 // 64, 283_000_000, False)
+    bsa = preset("longcat-13.6b", attention="bsa")
+    p = planner.plan(bsa, ParallelConfig(name="fsdp", cp=8), 64, [93, 720, 1280], shards=shards)
+    assert p["tokens_per_sample"] == 24 * 45 * 80 and p["tokens_per_rank"] == 24 * 12 * 40
+    assert p["cp_layout"] == "45x80 tokens per frame as 4x2 tiles of 12x40, padding 6.2%"
+    dense = planner.plan(big, ParallelConfig(name="fsdp", cp=8), 64, [93, 720, 1280], shards=shards)
+    assert dense["tokens_per_rank"] == 24 * 45 * 80 // 8  # 1 x 8 tiles of 45 x 10: no padding
+    assert dense["mem_gib"]["activations"] < p["mem_gib"]["activations"]

@@ -58,8 +58,10 @@ def test_fsdp_two_ranks_save_resume_on_two_and_one(tmp_path):
 @pytest.fixture(scope="module")
 def single_process_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
+    # 20 x 20 px = a 5 x 5 token grid, which 2 cp ranks can only share with a padded row
     o = tiny_overrides(tmp / "runs", tmp / "data") + ["trainer.sample_at_end=false", "data.num_workers=1",
-                                                      "run.name=ref", "trainer.max_steps=3"]
+                                                      "run.name=ref", "trainer.max_steps=3", "synthetic.height=20",
+                                                      "synthetic.width=20", "data.buckets=[[5,20,20]]"]
     p = subprocess.run([sys.executable, "-m", "lcv_train", *o], cwd=tmp, env=env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -73,6 +75,8 @@ def test_context_parallel_training_matches_single_process(single_process_referen
     o = [x for x in o if not x.startswith("run.name")] + [f"run.name=cp_{mode}", "parallel=fsdp", "parallel.cp=2",
                                                           f"parallel.cp_mode={mode}", "parallel.backend=gloo"]
     torchrun(o, cwd=tmp)
+    log = (tmp / "runs" / f"cp_{mode}" / "logs" / "rank0.log").read_text()
+    assert "5x5 tokens per frame as 2x1 tiles of 3x5, padding 16.7%" in log
     got = losses(tmp / "runs" / f"cp_{mode}")
     for step in (1, 2, 3):
         assert got[step] == pytest.approx(ref[step], rel=1e-4), (step, got, ref)
