@@ -15,6 +15,12 @@ from parallel.config import ParallelConfig
 from parallel.dims import ParallelDims
 
 
+def canonical_name(name: str) -> str:
+    """A parameter's name in the plain model (the published name), without the prefixes the activation
+    checkpointing and compile wrappers add to the names of a parallelized model."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
 def apply_activation_checkpointing(model: torch.nn.Module, every: int) -> None:
     """Checkpoint every ``every``-th block (1 = all blocks, 2 = blocks 0, 2, 4, ...)."""
     for i, block in enumerate(model.blocks):

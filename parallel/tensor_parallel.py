@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from lcv_train.errors import ConfigError
 from parallel.dims import ParallelDims
+from parallel.parallelize import canonical_name
 
 
 def _megatron():
@@ -192,17 +193,13 @@ def full_state_dict_from_tp(local_sd: dict[str, torch.Tensor], model_cfg, group)
 # and writes it once. TP-split parameters differ between TP ranks under the same name, so their keys get
 # the TP rank appended; everything else (replicated across TP ranks) keeps its name.
 
-def _clean(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-
-
 def tp_split_names(model: nn.Module) -> set[str]:
     """Clean FQNs of the parameters split across TP ranks."""
     out = set()
     for mname, m in model.named_modules():
         for pname in getattr(m, "tp_sharded_param_names", ()):
             if getattr(m, pname, None) is not None:
-                out.add(_clean(f"{mname}.{pname}" if mname else pname))
+                out.add(canonical_name(f"{mname}.{pname}" if mname else pname))
     return out
 
 

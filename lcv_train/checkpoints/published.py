@@ -62,8 +62,30 @@ def load_published_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_published_dit(model: torch.nn.Module, path: str | Path) -> None:
-    """Copy published weights into ``model`` (a plain, unsharded ``LongCatDiT``), strictly."""
+def _published_shapes(d: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the safetensors headers only (no weights read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in _weight_files(d):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    shapes[k] = tuple(fh.get_slice(k).get_shape())
+        except Exception as e:  # a truncated or foreign file: name it
+            raise CheckpointError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    return shapes
+
+
+def _model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) shapes of the model's state dict; works on meta and on FSDP2 (DTensor) models."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_published_dit(model: torch.nn.Module, path: str | Path) -> Path:
+    """Check, from ``config.json`` and the safetensors headers only, that the published DiT at ``path`` loads
+    strictly into ``model``; raise ``CheckpointError`` naming the first key that does not. Cheap: every
+    rank runs it, so a bad checkpoint stops all ranks alike. Returns the ``dit/`` folder."""
     d = dit_dir(path)
     have = read_dit_config(d)
     want = model.config
@@ -72,19 +94,70 @@ def load_published_dit(model: torch.nn.Module, path: str | Path) -> None:
         if getattr(have, key) != getattr(want, key):
             raise CheckpointError(f"{d / 'config.json'}: {key}={getattr(have, key)} but model.{key}="
                                   f"{getattr(want, key)}; use model=longcat-13.6b (or matching overrides)")
-    sd = load_published_state_dict(d)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
+    shapes, own = _published_shapes(d), _model_shapes(model)
+    missing = sorted(set(own) - set(shapes))
     if missing:
         raise CheckpointError(f"{d}: weight {missing[0]!r} is missing ({len(missing)} missing in all)")
-    for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{d}: weight {k!r} has shape {tuple(sd[k].shape)}, model expects {tuple(v.shape)}")
-    unexpected = sorted(set(sd) - set(own))
+    for k, shape in own.items():
+        if shapes[k] != shape:
+            raise CheckpointError(f"{d}: weight {k!r} has shape {shapes[k]}, model expects {shape}")
+    unexpected = sorted(set(shapes) - set(own))
     if unexpected:
         raise CheckpointError(f"{d}: unexpected weight {unexpected[0]!r} ({len(unexpected)} in all); is this a "
                               f"LoRA file? load it with the LoRA loader instead")
-    model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, strict=True)
+    return d
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def load_published_dit(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy published weights into ``model``, strictly (checked first by ``check_published_dit``).
+
+    ``model`` is either a plain ``LongCatDiT`` (every process reads the weights), or one already sharded by
+    FSDP2 (parameters are DTensors, e.g. built on meta and materialised with ``to_empty``): then only
+    global rank 0 reads the files, and each tensor is broadcast and sharded in turn, so host memory holds
+    one full copy per job instead of one per rank. Every rank of the default group must call it then.
+    """
+    d = check_published_dit(model, path)
+    if not _is_sharded(model):
+        own = model.state_dict()
+        sd = load_published_state_dict(d)
+        model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, strict=True)
+        return
+    import torch.distributed as dist
+
+    _broadcast_into_shards(model, load_published_state_dict(d) if dist.get_rank() == 0 else None)
+
+
+@torch.no_grad()
+def _broadcast_into_shards(model: torch.nn.Module, full: dict[str, torch.Tensor] | None) -> None:
+    """Rank 0 holds ``full`` (every tensor, any dtype); one tensor at a time, it is cast to the parameter's
+    dtype, broadcast to every rank of the default group, and each rank copies its slice into its local
+    shard (names may carry the activation-checkpointing / compile wrappers' prefixes). Peak extra memory per
+    rank: one full tensor. (Ours rather than ``set_model_state_dict(...,
+    broadcast_from_rank0=True)``, which aborted about one gloo run in ten at interpreter exit.)"""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from parallel.parallelize import canonical_name
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    for name, param in model.state_dict().items():
+        if dist.get_rank() == 0:
+            buf = full[canonical_name(name)].to(device=device, dtype=param.dtype).contiguous()
+        else:
+            buf = torch.empty(param.shape, dtype=param.dtype, device=device)
+        dist.broadcast(buf, src=0)
+        if isinstance(param, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            param.to_local().copy_(buf[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+        else:
+            param.copy_(buf)
 
 
 def export_published_dit(state_dict: dict[str, torch.Tensor], config: DiTConfig, out: str | Path,

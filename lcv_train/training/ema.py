@@ -9,16 +9,13 @@ import contextlib
 
 import torch
 
-
-def clean_name(name: str) -> str:
-    """A parameter's name without the prefixes wrappers add (activation checkpointing, torch.compile)."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+from parallel.parallelize import canonical_name
 
 
 class EMA:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.params = {clean_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
         self.shadow = {n: p.detach().clone().float() if p.is_floating_point() else p.detach().clone()
                        for n, p in self.params.items()}
 

@@ -111,20 +111,8 @@ class Trainer:
                               f"model.in_channels={cfg.model.in_channels}")
         data_cfg = self._data_config()
 
-        # Model: identical initialisation on every rank, built straight on the device (a 13.6B model is
-        # 54 GB in fp32: never in host memory once per rank); FSDP then keeps only this rank's shard.
-        torch.manual_seed(cfg.run.seed)
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed(cfg.run.seed)
-        with torch.device(self.device):
-            model = LongCatDiT(cfg.model)
-        if cfg.trainer.init_from:
-            from lcv_train.checkpoints import load_published_dit
-
-            load_published_dit(model, cfg.trainer.init_from)
         self.stage = build_stage(cfg.stage, cfg.diffusion, cfg.model)
-        self.stage.prepare(model)
-        self.model = parallelize_model(model, self.dims, cfg.parallel)
+        self.model = self._build_model()
         o = cfg.optim
         self.engine = build_engine(self.model, {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
                                                 "eps": o.eps}, self.dims, cfg.parallel, grad_clip=o.grad_clip,
@@ -146,6 +134,40 @@ class Trainer:
         self.history: list[dict] = []
 
     # -- setup ---------------------------------------------------------------------------------
+    def _build_model(self) -> torch.nn.Module:
+        """The DiT, parallelized, with its starting weights.
+
+        From published weights under FSDP2 (``trainer.init_from``, engine fsdp, tp 1, several ranks): built
+        on the meta device, sharded, materialised empty, then filled by ``load_published_dit``, which has
+        only rank 0 read the files and broadcasts each tensor: no rank ever holds the whole model, on the
+        GPU or in host memory. Otherwise: identical random initialisation on every rank, built straight on
+        the device (a 13.6B model is 54 GB in fp32: never in host memory once per rank), then sharded;
+        ``init_from`` then loads on every rank before sharding.
+        """
+        from lcv_train.checkpoints import check_published_dit, load_published_dit
+
+        cfg, pcfg = self.cfg, self.cfg.parallel
+        init_from = cfg.trainer.init_from
+        if init_from and pcfg.engine == "fsdp" and self.dims.tp == 1 and self.dims.uses_fsdp:
+            with torch.device("meta"):
+                model = LongCatDiT(cfg.model)
+            check_published_dit(model, init_from)  # every rank, headers only: a bad folder stops all alike
+            self.stage.prepare(model)
+            model = parallelize_model(model, self.dims, pcfg)
+            model.to_empty(device="cpu" if pcfg.cpu_offload else self.device)
+            load_published_dit(model, init_from)
+            log.info("loaded %s: rank 0 read it, every rank received its shard", init_from)
+            return model
+        torch.manual_seed(cfg.run.seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(cfg.run.seed)
+        with torch.device(self.device):
+            model = LongCatDiT(cfg.model)
+        if init_from:
+            load_published_dit(model, init_from)
+        self.stage.prepare(model)
+        return parallelize_model(model, self.dims, pcfg)
+
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()

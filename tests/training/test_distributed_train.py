@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.training._runs import env, losses, tiny_overrides
+from tests.training._runs import env, lcv_train, losses, tiny_overrides
 
 
 def torchrun(args, cwd, nproc=2):
@@ -80,6 +80,42 @@ def test_context_parallel_training_matches_single_process(single_process_referen
     got = losses(tmp / "runs" / f"cp_{mode}")
     for step in (1, 2, 3):
         assert got[step] == pytest.approx(ref[step], rel=1e-4), (step, got, ref)
+
+
+def test_init_from_published_weights_on_meta_matches_single_process(single_process_reference):
+    """trainer.init_from under FSDP2 (cp=2): built on meta, rank 0 reads, shards are broadcast; the losses
+    equal a single process that loads the same folder, and differ from a random start."""
+    from lcv_train.checkpoints import export_published_dit
+    from lcv_train.model import LongCatDiT
+
+    tmp, o, ref = single_process_reference
+    torch.manual_seed(7)
+    m = LongCatDiT.from_preset("tiny")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.05)
+    export_published_dit(m.state_dict(), m.config, tmp / "pub")
+    o = [x for x in o if not x.startswith(("run.name", "trainer.max_steps"))] + [
+        f"trainer.init_from={tmp / 'pub'}", "trainer.max_steps=2"]
+    lcv_train(o + ["run.name=init_one"], cwd=tmp)
+    torchrun(o + ["run.name=init_cp", "parallel=fsdp", "parallel.cp=2", "parallel.backend=gloo",
+                  "parallel.activation_checkpointing=2"], cwd=tmp)
+    assert "rank 0 read it, every rank received its shard" in (tmp / "runs" / "init_cp" / "logs" / "rank0.log").read_text()
+    one, cp = losses(tmp / "runs" / "init_one"), losses(tmp / "runs" / "init_cp")
+    for step in (1, 2):
+        assert cp[step] == pytest.approx(one[step], rel=1e-4), (step, cp, one)
+    assert abs(one[1] - ref[1]) > 1e-3 * abs(ref[1])  # the weights really came from the folder
+
+    # A folder with a tensor missing stops both ranks with the same one-line error (no rank left waiting).
+    from safetensors.torch import load_file, save_file
+
+    shard = next((tmp / "pub" / "dit").glob("*.safetensors"))
+    sd = load_file(str(shard))
+    victim = sorted(sd)[0]
+    sd.pop(victim)
+    save_file(sd, str(shard))
+    with pytest.raises(AssertionError, match=rf"weight '{victim}' is missing"):
+        torchrun(o + ["run.name=init_bad", "parallel=fsdp", "parallel.cp=2", "parallel.backend=gloo"], cwd=tmp)
 
 
 def test_tensor_parallel_training_resumes_exactly_with_ema(tmp_path):

@@ -1,0 +1,94 @@
+"""Loading the published DiT into an FSDP2 model built on the meta device (2 gloo ranks): only rank 0 reads
+the weight files, every rank ends up with exactly its shard of the published tensors, and a bad folder
+stops both ranks with the same error instead of hanging one of them in a broadcast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+try:
+    from _dist import close_pools, get_pool
+except ImportError:  # tests/parallel became a package
+    from tests.parallel._dist import close_pools, get_pool
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pools():
+    yield
+    close_pools()
+
+
+def _sharded_meta_model():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lcv_train.model import LongCatDiT
+
+    from parallel.parallelize import apply_activation_checkpointing
+
+    with torch.device("meta"):
+        model = LongCatDiT.from_preset("tiny")
+    apply_activation_checkpointing(model, 2)  # wrapped blocks (their parameter names gain a prefix)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    return model
+
+
+def _check_load(rank, world, folder):
+    import lcv_train.checkpoints.published as published
+    from safetensors.torch import load_file
+
+    model = _sharded_meta_model()
+    reader = published.load_published_state_dict
+    if rank != 0:  # any read of the weights on another rank fails the test
+        published.load_published_state_dict = lambda *a: (_ for _ in ()).throw(AssertionError("rank 1 read weights"))
+    try:
+        published.load_published_dit(model, folder)
+    finally:
+        published.load_published_state_dict = reader
+    expect = {}
+    for f in sorted((folder / "dit").glob("*.safetensors")):
+        expect.update(load_file(str(f)))
+    from parallel.parallelize import canonical_name
+
+    names = set()
+    for k, v in model.state_dict().items():
+        assert v.to_local().numel() < v.numel() or v.numel() < world  # really sharded
+        names.add(canonical_name(k))
+        torch.testing.assert_close(v.full_tensor(), expect[canonical_name(k)].float(), rtol=0, atol=0, msg=k)
+    assert names == set(expect) and any("_checkpoint_wrapped_module" in k for k, _ in model.named_parameters())
+
+
+def _check_bad_folder(rank, world, folder):
+    from lcv_train.checkpoints import load_published_dit
+    from lcv_train.errors import CheckpointError
+
+    model = _sharded_meta_model()
+    with pytest.raises(CheckpointError, match="is missing"):
+        load_published_dit(model, folder)
+
+
+def test_rank0_reads_and_every_rank_gets_its_shard(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lcv_train.checkpoints import export_published_dit
+    from lcv_train.model import LongCatDiT
+
+    torch.manual_seed(0)
+    m = LongCatDiT.from_preset("tiny")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    export_published_dit(m.state_dict(), m.config, tmp_path / "pub")  # bf16, as published
+    get_pool(2).run(_check_load, tmp_path / "pub")
+
+    shard = next((tmp_path / "pub" / "dit").glob("*.safetensors"))
+    sd = load_file(str(shard))
+    sd.pop(next(iter(sd)))
+    save_file(sd, str(shard))
+    get_pool(2).run(_check_bad_folder, tmp_path / "pub")
