@@ -66,3 +66,28 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, mesh=N
     shard(model.final_layer, fp32, reshard=False)
     shard(model, compute, reshard=False)
     return model
+
+
+@torch.no_grad()
+def fill_shards(model: nn.Module, full_value) -> None:
+    """Set every entry of ``model.state_dict()`` from its full value, one tensor at a time.
+
+    ``full_value(name, param)`` returns the whole tensor (``name`` is the plain model's name, without the
+    wrappers' prefixes; any device and dtype); each rank copies into its local shard the slice it holds
+    (FSDP2/HSDP DTensors, uneven shards included), or the whole tensor into a plain one. This is how a model
+    sharded on the meta device and materialised with ``to_empty`` gets its starting weights: the full model
+    never exists on any rank, only one full tensor at a time.
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from parallel.parallelize import canonical_name
+
+    for name, param in model.state_dict().items():
+        full = full_value(canonical_name(name), param)
+        if isinstance(param, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            local = param.to_local()
+            local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))].to(local.device))
+        else:
+            param.copy_(full)

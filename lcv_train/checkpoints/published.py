@@ -133,31 +133,26 @@ def load_published_dit(model: torch.nn.Module, path: str | Path) -> None:
     _broadcast_into_shards(model, load_published_state_dict(d) if dist.get_rank() == 0 else None)
 
 
-@torch.no_grad()
 def _broadcast_into_shards(model: torch.nn.Module, full: dict[str, torch.Tensor] | None) -> None:
     """Rank 0 holds ``full`` (every tensor, any dtype); one tensor at a time, it is cast to the parameter's
-    dtype, broadcast to every rank of the default group, and each rank copies its slice into its local
-    shard (names may carry the activation-checkpointing / compile wrappers' prefixes). Peak extra memory per
-    rank: one full tensor. (Ours rather than ``set_model_state_dict(...,
+    dtype and broadcast to every rank of the default group, which keeps its slice (``fill_shards``). Peak
+    extra memory per rank: one full tensor. (Ours rather than ``set_model_state_dict(...,
     broadcast_from_rank0=True)``, which aborted about one gloo run in ten at interpreter exit.)"""
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from parallel.parallelize import canonical_name
+    from parallel.fsdp import fill_shards
 
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    for name, param in model.state_dict().items():
+
+    def broadcast(name: str, param: torch.Tensor) -> torch.Tensor:
         if dist.get_rank() == 0:
-            buf = full[canonical_name(name)].to(device=device, dtype=param.dtype).contiguous()
+            buf = full[name].to(device=device, dtype=param.dtype).contiguous()
         else:
             buf = torch.empty(param.shape, dtype=param.dtype, device=device)
         dist.broadcast(buf, src=0)
-        if isinstance(param, DTensor):
-            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-            param.to_local().copy_(buf[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
-        else:
-            param.copy_(buf)
+        return buf
+
+    fill_shards(model, broadcast)
 
 
 def export_published_dit(state_dict: dict[str, torch.Tensor], config: DiTConfig, out: str | Path,

@@ -213,6 +213,37 @@ class FinalLayer(nn.Module):
             return self.linear(modulate(x.float(), shift, scale).to(self.linear.weight.dtype))
 
 
+def init_rule(name: str, shape) -> tuple:
+    """How parameter ``name`` (published name) starts: Xavier-uniform linears and patch embedding, N(0, 0.02)
+    timestep MLP, AdaLN-Zero (modulations and the output projection at zero), zero biases, unit norms.
+    Returns ``("zeros",)``, ``("ones",)``, ``("normal", std)`` or ``("uniform", bound)``."""
+    if name.endswith(".bias") or ".adaLN_modulation." in name or name.startswith("final_layer.linear."):
+        return ("zeros",)
+    if len(shape) == 1:
+        return ("ones",)
+    if name.startswith("t_embedder.mlp."):
+        return ("normal", 0.02)
+    fan_out, fan_in = shape[0], math.prod(shape[1:])  # a conv's kernel counts into fan_in (as a 2-D view)
+    return ("uniform", math.sqrt(6.0 / (fan_in + fan_out)))
+
+
+def initial_parameter(name: str, shape, seed: int, device, dtype=torch.float32) -> torch.Tensor:
+    """The full initial value of parameter ``name``: drawn from a generator seeded by ``seed`` and the name
+    alone, so it does not depend on the order, the process or the sharding in which parameters are made."""
+    import zlib
+
+    rule = init_rule(name, shape)
+    if rule[0] in ("zeros", "ones"):
+        return (torch.zeros if rule[0] == "zeros" else torch.ones)(shape, device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    out = torch.empty(shape, device=device, dtype=torch.float32)
+    if rule[0] == "normal":
+        out.normal_(0.0, rule[1], generator=g)
+    else:
+        out.uniform_(-rule[1], rule[1], generator=g)
+    return out.to(dtype)
+
+
 class LongCatDiT(nn.Module):
     """``forward(latents, timestep, text, text_mask=None, num_cond_latents=0) -> velocity``.
 
@@ -222,9 +253,13 @@ class LongCatDiT(nn.Module):
     - returns the predicted velocity ``x0 - eps`` (the published sign), ``[B, C_out, T, H, W]``.
     """
 
-    def __init__(self, cfg: DiTConfig, attention_op: AttentionOp | None = None):
+    def __init__(self, cfg: DiTConfig, attention_op: AttentionOp | None = None, seed: int | None = None):
         super().__init__()
         self.config = cfg.validate()
+        # Initial weights are a function of (init_seed, parameter name) only, so a model sharded before it is
+        # initialised (built on meta) gets exactly the values this one does. Default: the first draw from
+        # torch's RNG (before the submodules' own initialisers use it, which they do not on meta).
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu")) if seed is None else int(seed)
         dim = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, dim)
         self.t_embedder = TimestepEmbedder(cfg.frequency_embedding_size, cfg.adaln_tembed_dim)
@@ -240,26 +275,12 @@ class LongCatDiT(nn.Module):
     def from_preset(cls, name: str, **overrides) -> "LongCatDiT":
         return cls(preset(name, **overrides))
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Xavier-uniform linears, AdaLN-Zero (modulations and the output projection start at zero)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        for mlp in (self.t_embedder.mlp,):
-            nn.init.normal_(mlp[0].weight, std=0.02)
-            nn.init.normal_(mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[1].weight)
-            nn.init.zeros_(block.adaLN_modulation[1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        """Every parameter to ``initial_parameter(name, ...)`` (meta parameters are left alone)."""
+        for name, p in self.named_parameters():
+            if not p.is_meta:
+                p.copy_(initial_parameter(name, p.shape, self.init_seed, p.device, p.dtype))
 
     # -- shapes --------------------------------------------------------------------------------
     def token_grid(self, latent_shape) -> Grid:

@@ -137,30 +137,36 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         """The DiT, parallelized, with its starting weights.
 
-        From published weights under FSDP2 (``trainer.init_from``, engine fsdp, tp 1, several ranks): built
-        on the meta device, sharded, materialised empty, then filled by ``load_published_dit``, which has
-        only rank 0 read the files and broadcasts each tensor: no rank ever holds the whole model, on the
-        GPU or in host memory. Otherwise: identical random initialisation on every rank, built straight on
-        the device (a 13.6B model is 54 GB in fp32: never in host memory once per rank), then sharded;
-        ``init_from`` then loads on every rank before sharding.
+        Under FSDP2 with several ranks (engine fsdp, tp 1) the DiT is built on the meta device, sharded,
+        materialised empty, and each tensor is then made whole one at a time and sliced into the shards:
+        drawn from ``initial_parameter`` (a function of the seed and the name only, so the weights equal a
+        single process's), or read by rank 0 from ``trainer.init_from`` and broadcast. No rank ever holds
+        the whole model on its GPU or, except rank 0 reading published weights, in host memory.
+        Otherwise (one process, ZeRO, tensor parallel) it is built whole on the device, loaded, then sharded.
         """
         from lcv_train.checkpoints import check_published_dit, load_published_dit
+        from lcv_train.model.dit import initial_parameter
 
         cfg, pcfg = self.cfg, self.cfg.parallel
         init_from = cfg.trainer.init_from
-        if init_from and pcfg.engine == "fsdp" and self.dims.tp == 1 and self.dims.uses_fsdp:
+        torch.manual_seed(cfg.run.seed)  # the model's init_seed is drawn from it: the same on every rank
+        if pcfg.engine == "fsdp" and self.dims.tp == 1 and self.dims.uses_fsdp:
+            from parallel.fsdp import fill_shards
+
             with torch.device("meta"):
                 model = LongCatDiT(cfg.model)
-            check_published_dit(model, init_from)  # every rank, headers only: a bad folder stops all alike
+            if init_from:
+                check_published_dit(model, init_from)  # every rank, headers only: a bad folder stops all alike
             self.stage.prepare(model)
+            seed = model.init_seed
             model = parallelize_model(model, self.dims, pcfg)
             model.to_empty(device="cpu" if pcfg.cpu_offload else self.device)
-            load_published_dit(model, init_from)
-            log.info("loaded %s: rank 0 read it, every rank received its shard", init_from)
+            if init_from:
+                load_published_dit(model, init_from)
+                log.info("loaded %s: rank 0 read it, every rank received its shard", init_from)
+            else:
+                fill_shards(model, lambda name, p: initial_parameter(name, p.shape, seed, self.device, p.dtype))
             return model
-        torch.manual_seed(cfg.run.seed)
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed(cfg.run.seed)
         with torch.device(self.device):
             model = LongCatDiT(cfg.model)
         if init_from:

@@ -215,3 +215,26 @@ def test_config_json_round_trip(tmp_path):
     c2 = DiTConfig.from_json(p)
     assert c2 == c
     assert json.loads(p.read_text())["bsa_params"]["sparsity"] == 0.9375
+
+
+def test_initial_weights_depend_on_seed_and_name_only():
+    from lcv_train.model.dit import init_rule, initial_parameter
+
+    a, b = LongCatDiT.from_preset("tiny"), LongCatDiT(preset("tiny"), seed=1007)
+    assert a.init_seed != b.init_seed
+    c = LongCatDiT(preset("tiny"), seed=b.init_seed)
+    for (name, p), q in zip(b.named_parameters(), c.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.equal(p, initial_parameter(name, p.shape, b.init_seed, "cpu")), name  # no order dependence
+    sd = b.state_dict()
+    # AdaLN-Zero: every modulation and the output projection start at zero; norms at one; biases zero
+    assert not sd["blocks.0.adaLN_modulation.1.weight"].any() and not sd["final_layer.linear.weight"].any()
+    assert torch.equal(sd["blocks.0.attn.q_norm.weight"], torch.ones(b.config.head_dim))
+    assert not sd["blocks.0.attn.qkv.bias"].any()
+    # Xavier-uniform: bound sqrt(6 / (fan_in + fan_out)), the conv kernel counted into fan_in
+    w = sd["x_embedder.proj.weight"]
+    bound = math.sqrt(6 / (w[0].numel() + w.shape[0]))
+    assert init_rule("x_embedder.proj.weight", w.shape) == ("uniform", bound)
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert abs(sd["t_embedder.mlp.0.weight"].std().item() - 0.02) < 0.002
+    assert not torch.equal(sd["blocks.0.attn.qkv.weight"], a.state_dict()["blocks.0.attn.qkv.weight"])

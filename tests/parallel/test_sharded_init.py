@@ -1,6 +1,8 @@
-"""Loading the published DiT into an FSDP2 model built on the meta device (2 gloo ranks): only rank 0 reads
-the weight files, every rank ends up with exactly its shard of the published tensors, and a bad folder
-stops both ranks with the same error instead of hanging one of them in a broadcast."""
+"""Starting weights of an FSDP2 model built on the meta device (2 gloo ranks), as the trainer makes them.
+
+Random init: every rank's shards equal the single-process model of the same seed. Published weights: only
+rank 0 reads the files, every rank ends up with exactly its shard of the published tensors, and a bad
+folder stops both ranks with the same error instead of hanging one of them in a broadcast."""
 
 from __future__ import annotations
 
@@ -92,3 +94,22 @@ def test_rank0_reads_and_every_rank_gets_its_shard(tmp_path):
     sd.pop(next(iter(sd)))
     save_file(sd, str(shard))
     get_pool(2).run(_check_bad_folder, tmp_path / "pub")
+
+
+def _check_random_init(rank, world):
+    from lcv_train.model import LongCatDiT
+    from lcv_train.model.dit import initial_parameter
+    from parallel.fsdp import fill_shards
+
+    torch.manual_seed(5)
+    model = _sharded_meta_model()
+    seed = model.init_seed
+    fill_shards(model, lambda name, p: initial_parameter(name, p.shape, seed, "cpu", p.dtype))
+    torch.manual_seed(5)
+    whole = LongCatDiT(model.config).state_dict()  # the same seed drawn on a real device as on meta
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v.full_tensor(), whole[k], rtol=0, atol=0, msg=k)
+
+
+def test_random_init_of_a_sharded_model_equals_one_process():
+    get_pool(2).run(_check_random_init)
