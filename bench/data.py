@@ -3,7 +3,7 @@
 Measures, on this machine's CPU:
   (a) decoding 480p 93-frame clips from mp4 (H.264, textured moving content, bucket 93x480x832 at 15 fps):
       decode-only samples/s (PyAV in one process) and end-to-end samples/s of ONE DataLoader worker
-      (read tar + decode + resize/crop + float conversion + hand-over to the main process);
+      (read tar + decode + resize/crop into the uint8 batch + hand-over to the main process);
   (b) reading cached latents (Wan 2.1 shapes: latents [16, 24, 60, 104] fp16, text [~200 of 512, 4096] fp16):
       samples/s of one worker;
   (d) the embedded default's synthetic set (32x32, 9 frames): samples/s of one worker;

@@ -19,6 +19,7 @@ from data_loaders.config import (
     to_data_config,
     validate,
 )
+from data_loaders.decode import video_to_float
 from data_loaders.loader import VideoLoader, build_loader
 from data_loaders.synthetic import ensure_synthetic_shards
 
@@ -36,4 +37,5 @@ __all__ = [
     "sample_task",
     "to_data_config",
     "validate",
+    "video_to_float",
 ]

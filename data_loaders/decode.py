@@ -18,6 +18,18 @@ class DecodeError(Exception):
     """The media bytes could not be turned into the requested frames."""
 
 
+def video_to_float(video):
+    """A batch's uint8 ``video [B, 3, F, H, W]`` (0..255) -> float32 in [-1, 1], what the codecs encode.
+
+    The loader hands out uint8 (a quarter of float32's bytes through worker shared memory, pinning and the
+    host-to-device copy); call this after moving the batch to its device."""
+    import torch
+
+    if video.dtype != torch.uint8:
+        raise TypeError(f"video must be the loader's uint8 frames, got {video.dtype}")
+    return video.float().mul_(1.0 / 127.5).sub_(1.0)
+
+
 def _cover_size(w: int, h: int, out_w: int, out_h: int) -> tuple[int, int]:
     scale = max(out_w / w, out_h / h)
     return max(out_w, int(math.ceil(w * scale - 1e-6))), max(out_h, int(math.ceil(h * scale - 1e-6)))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from data_loaders.config import DataConfig, validate
+from data_loaders.decode import video_to_float
 from data_loaders.loader import VideoLoader
 from data_loaders.shards import INDEX_NAME, ShardSetWriter
 
@@ -71,7 +72,7 @@ def encode_shards(
     n = 0
     try:
         for batch in loader:
-            lat = codec.encode(batch["video"])
+            lat = codec.encode(video_to_float(batch["video"]))
             emb, mask = text_encoder.encode(list(batch["caption"]))
             for i, key in enumerate(batch["keys"]):
                 meta = dict(batch["meta"][i])

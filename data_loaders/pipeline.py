@@ -113,20 +113,21 @@ class ReaderState:
     epochs: dict[str, int] = field(default_factory=dict)
 
 
-def _empty_float(shape: tuple[int, ...]) -> torch.Tensor:
-    """float32 tensor; in a DataLoader worker it lives in shared memory (passing it on copies nothing)."""
+def _empty_shared(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor (float32 unless told); in a DataLoader worker it lives in shared memory (passing it on
+    copies nothing)."""
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
     n = int(np.prod(shape))
     try:
-        storage = torch.UntypedStorage._new_shared(n * 4)  # what torch's default_collate does too
-        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+        storage = torch.UntypedStorage._new_shared(n * dtype.itemsize)  # what torch's default_collate does too
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
     except (AttributeError, RuntimeError):  # pragma: no cover - older/other torch builds
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
 
 
 def _stack_float(arrays: list[np.ndarray]) -> torch.Tensor:
-    out = _empty_float((len(arrays),) + tuple(arrays[0].shape))
+    out = _empty_shared((len(arrays),) + tuple(arrays[0].shape))
     for i, a in enumerate(arrays):
         out[i] = torch.from_numpy(a)
     return out
@@ -548,7 +549,7 @@ class Reader:
             batch: dict[str, Any] = {"latents": _stack_float(lats)}
             L = max(t.shape[0] for t in texts)
             L = max([L] + [int(smp.meta.get("text_length", 0)) for smp in kept])  # the encoder's padded length
-            text = _empty_float((len(texts), L, texts[0].shape[1]))
+            text = _empty_shared((len(texts), L, texts[0].shape[1]))
             text.zero_()
             mask = torch.zeros((len(texts), L), dtype=torch.bool)
             for i, t in enumerate(texts):
@@ -557,17 +558,16 @@ class Reader:
             batch["text"] = text
             batch["text_mask"] = mask
         else:
-            # Frames go straight from the decoder into the batch tensor (allocated in shared memory when
-            # in a worker, so handing it to the trainer copies nothing), normalised to [-1, 1] per frame.
-            video = _empty_float((len(pb.samples), 3, f, h, w))
+            # Frames go straight from the decoder into the uint8 batch tensor (allocated in shared memory
+            # when in a worker, so handing it to the trainer copies nothing); the consumer converts them to
+            # [-1, 1] on its device (``video_to_float``).
+            video = _empty_shared((len(pb.samples), 3, f, h, w), torch.uint8)
 
             for smp in pb.samples:
                 slot = video[len(kept)]
 
                 def sink(j: int, arr: np.ndarray, slot=slot) -> None:
-                    dst = slot[:, j]
-                    dst.copy_(torch.from_numpy(arr).permute(2, 0, 1))
-                    dst.mul_(1.0 / 127.5).sub_(1.0)
+                    slot[:, j].copy_(torch.from_numpy(arr).permute(2, 0, 1))
 
                 try:
                     if smp.kind == "image":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_loaders.decode import video_to_float
 from lcv_train.config import TrainConfig
 from lcv_train.encoders import build_text_encoder, build_video_codec
 from lcv_train.errors import ConfigError
@@ -253,7 +254,7 @@ class Trainer:
             if "latents" in batch:
                 latents = batch["latents"].to(self.device, non_blocking=True)
             else:
-                latents = self.codec.encode(batch["video"].to(self.device, non_blocking=True))
+                latents = self.codec.encode(video_to_float(batch["video"].to(self.device, non_blocking=True)))
             if "text" in batch:
                 text, mask = batch["text"].to(self.device), batch["text_mask"].to(self.device)
             else:

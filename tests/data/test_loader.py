@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from _datakit import all_keys, image_sample, video_sample, write_set
-from data_loaders import DataConfig, DataError, FilterConfig, SubsetConfig, build_loader, latent_frames
+from data_loaders import (DataConfig, DataError, FilterConfig, SubsetConfig, build_loader, latent_frames,
+                          video_to_float)
 from data_loaders import pipeline as pipeline_mod
 
 BUCKETS = [[9, 32, 32], [1, 32, 32]]
@@ -37,8 +38,10 @@ def test_batch_format(syn_dir):
         assert isinstance(b["bucket"], tuple) and b["bucket"] in {(9, 32, 32), (1, 32, 32)}
         seen_buckets.add(b["bucket"])
         F, H, W = b["bucket"]
-        assert b["video"].shape == (B, 3, F, H, W) and b["video"].dtype == torch.float32
-        assert b["video"].min() >= -1 and b["video"].max() <= 1
+        assert b["video"].shape == (B, 3, F, H, W) and b["video"].dtype == torch.uint8
+        x = video_to_float(b["video"])
+        assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+        torch.testing.assert_close(x, b["video"].double().div(255).mul(2).sub(1).float())
         assert len(b["caption"]) == B and all(isinstance(c, str) and c for c in b["caption"])
         assert b["subset"] == ["default"] * B
         t = latent_frames(F, 4)
@@ -63,7 +66,7 @@ def test_synthetic_caption_matches_pixels(syn_dir):
             name = cap.split()[1]
             if name not in colours:
                 continue
-            rgb = (v[:, 0] + 1) / 2  # first frame [3, H, W] in [0, 1]
+            rgb = v[:, 0].float() / 255  # first frame [3, H, W] in [0, 1]
             want = torch.tensor(colours[name]).view(3, 1, 1) / 255.0
             close = ((rgb - want).abs().max(0).values < 0.15).float().mean()
             assert close > 0.01, (cap, close)
@@ -325,3 +328,10 @@ def test_resume_from_every_position(syn_dir):
         got = take(resumed, 2)
         assert [b["keys"] for b in got] == [b["keys"] for b in batches[n : n + 2]], n
         assert [b["task"] for b in got] == [b["task"] for b in batches[n : n + 2]], n
+
+
+def test_video_to_float_maps_the_byte_range_onto_minus_one_one():
+    x = video_to_float(torch.tensor([0, 1, 128, 254, 255], dtype=torch.uint8))
+    torch.testing.assert_close(x, torch.tensor([-1.0, -1 + 2 / 255, 1 / 255, 1 - 2 / 255, 1.0]))
+    with pytest.raises(TypeError, match="uint8"):
+        video_to_float(torch.zeros(3))
