@@ -82,6 +82,24 @@ def test_context_parallel_training_matches_single_process(single_process_referen
         assert got[step] == pytest.approx(ref[step], rel=1e-4), (step, got, ref)
 
 
+def test_block_sparse_ring_training_on_a_ragged_grid_matches_single_process(tmp_path):
+    """The BSA fine-tune path under cp=2: multi-task batches (condition frames), block-sparse ring attention
+    on a 5 x 5 token grid that the ranks share as padded tiles of whole 2 x 2 blocks."""
+    o = tiny_overrides(tmp_path / "runs", tmp_path / "data") + [
+        "synthetic.frames=9", "synthetic.height=20", "synthetic.width=20", "data.buckets=[[9,20,20]]",
+        "trainer.sample_at_end=false", "data.num_workers=1", "trainer.max_steps=3", "stage=multitask",
+        "data.tasks={i2v: 0.5, vc: 0.5}",  # every step has condition frames
+        "model.attention=bsa", "model.bsa.sparsity=0.5", "model.bsa.backend=torch",
+        "model.bsa.chunk_3d_shape_q=[2,2,2]", "model.bsa.chunk_3d_shape_k=[2,2,2]"]
+    lcv_train(o + ["run.name=one"], cwd=tmp_path)
+    torchrun(o + ["run.name=cp", "parallel=fsdp", "parallel.cp=2", "parallel.backend=gloo"], cwd=tmp_path)
+    log = (tmp_path / "runs" / "cp" / "logs" / "rank0.log").read_text()
+    assert "5x5 tokens per frame as 2x1 tiles of 4x6" in log
+    one, cp = losses(tmp_path / "runs" / "one"), losses(tmp_path / "runs" / "cp")
+    for step in (1, 2, 3):
+        assert cp[step] == pytest.approx(one[step], rel=1e-4), (step, cp, one)
+
+
 def test_init_from_published_weights_on_meta_matches_single_process(single_process_reference):
     """trainer.init_from under FSDP2 (cp=2): built on meta, rank 0 reads, shards are broadcast; the losses
     equal a single process that loads the same folder, and differ from a random start."""
