@@ -168,8 +168,6 @@ class TrainConfig:
         for part in (self.optim, self.schedule, self.ema, self.trainer, self.stage, self.logger):
             part.validate()
         self.parallel.validate()
-        require(not (self.parallel.engine == "zero3" and self.ema.decay > 0), "ema.decay",
-              "EMA needs whole parameters, which ZeRO-3 partitions: set ema.decay=0 with parallel=zero3")
         require(self.sample.steps >= 1, "sample.steps", f"must be >= 1, got {self.sample.steps}")
         return self
 

@@ -188,3 +188,77 @@ class ZeroEngine:
 
     def load_native(self, path: str, tag: str | None = None) -> None:
         self.ds.load_checkpoint(path, tag=tag)
+
+
+class ZeroEMA:
+    """Exponential moving average of ZeRO-3-partitioned parameters (same interface as ``training.ema.EMA``).
+
+    Each rank averages only its own partition of every fp32 master weight (``safe_get_local_fp32_param``):
+    1/world of the model per rank, no communication per update. ``state_dict`` gathers full tensors by
+    published name (collective; identical on every rank, like ``ZeroEngine.state_dict``), so checkpoints and
+    ``lcv-export --weights ema`` read it like any other EMA, and ``load_state_dict`` keeps this rank's slice.
+    ``swapped_in`` writes the averages into the module's partitions (and into the whole tensors ZeRO keeps
+    resident for small "persistent" parameters), so forwards inside it gather the EMA weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        from parallel.parallelize import canonical_name
+
+        self.decay = decay
+        self.params = {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {n: safe_get_local_fp32_param(p).detach().float().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        names = list(self.params)
+        torch._foreach_lerp_([self.shadow[n] for n in names],
+                             [safe_get_local_fp32_param(self.params[n]).detach().float() for n in names],
+                             1.0 - self.decay)
+
+    def _full(self, name: str) -> torch.Tensor:
+        import torch.distributed as dist
+
+        p, part = self.params[name], self.shadow[name]
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, part.contiguous())
+        return torch.cat([t.reshape(-1) for t in parts])[: p.ds_numel].view(p.ds_shape)
+
+    def _local(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        n = self.shadow[name].numel()
+        flat = torch.zeros(n * dist.get_world_size(), dtype=torch.float32, device=full.device)
+        flat[: full.numel()] = full.reshape(-1).float()
+        return flat[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily make the module compute with the EMA weights (for sampling)."""
+        backup = {}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                backup[n] = (p.ds_tensor.detach().clone(), p.data.detach().clone() if p.data.numel() else None)
+                p.ds_tensor.copy_(self.shadow[n].view_as(p.ds_tensor).to(p.ds_tensor.dtype))
+                if p.data.numel():  # resident whole (persistent small parameter)
+                    p.data.copy_(self._full(n).to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    part, whole = backup[n]
+                    p.ds_tensor.copy_(part)
+                    if whole is not None:
+                        p.data.copy_(whole)
+
+    def state_dict(self) -> dict:
+        return {n: self._full(n) for n in self.params}
+
+    def load_state_dict(self, sd: dict) -> None:
+        with torch.no_grad():
+            for n, t in self.shadow.items():
+                t.copy_(self._local(n, sd[n].to(t.device)))

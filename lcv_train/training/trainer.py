@@ -24,7 +24,7 @@ from lcv_train.errors import ConfigError
 from lcv_train.model import LongCatDiT
 from lcv_train.stages import StageBatch, build_stage
 from lcv_train.training.checkpoint import Checkpointer, rng_state, set_rng_state
-from lcv_train.training.ema import EMA
+from lcv_train.training.ema import EMA, build_ema
 from lcv_train.training.metrics import MetricsLogger, setup_logging
 from lcv_train.training.schedule import build_lr_scheduler
 from parallel import build_engine, init_distributed, parallelize_model
@@ -119,7 +119,7 @@ class Trainer:
                                                 "eps": o.eps}, self.dims, cfg.parallel, grad_clip=o.grad_clip,
                                    grad_accum_steps=cfg.trainer.grad_accum)
         self.lr_scheduler = build_lr_scheduler(self.engine.optimizer, cfg.schedule, cfg.trainer.max_steps)
-        self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
+        self.ema = build_ema(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
         self.progress = Progress()
 
         self.loader = self._build_loader(data_cfg)

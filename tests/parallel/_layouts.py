@@ -12,6 +12,7 @@ GLOBAL_BATCH = 4
 STEPS = 3
 LR = 1e-2
 GRAD_CLIP = 0.5
+EMA_DECAY = 0.5  # large steps, so the average differs clearly from the weights
 
 
 def make_model(seed: int = 0, **overrides) -> LongCatDiT:
@@ -50,9 +51,10 @@ def make_optimizer(model):
     return torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-def train(engine, batches, lo: int = 0, hi: int | None = None, accum: int = 1):
+def train(engine, batches, lo: int = 0, hi: int | None = None, accum: int = 1, ema=None):
     """Run the steps on rows ``lo:hi`` of each global batch, in ``accum`` micro-batches per step (loss
-    divided by ``accum``, as the trainer does); returns (losses, grad norms)."""
+    divided by ``accum``, as the trainer does; ``ema`` updated after each step); returns (losses, grad
+    norms)."""
     losses, norms = [], []
     for b in batches:
         part = tuple(x[lo:hi] for x in b)
@@ -63,15 +65,27 @@ def train(engine, batches, lo: int = 0, hi: int | None = None, accum: int = 1):
             engine.backward(loss)
             total += loss.item()
         norms.append(engine.step())
+        if ema is not None:
+            ema.update()
         losses.append(total)
     return losses, norms
 
 
 def reference(steps: int = STEPS, **model_overrides):
-    """Single-process training on whole global batches: (losses, grad norms, final state dict)."""
+    """Single-process training on whole global batches: (losses, grad norms, final state dict, EMA state
+    dict)."""
+    from lcv_train.training.ema import EMA
     from parallel import TorchEngine
 
     model = make_model(**model_overrides)
     engine = TorchEngine(model, make_optimizer(model), grad_clip=GRAD_CLIP)
-    losses, norms = train(engine, make_batches(steps, cfg=model.config))
-    return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ema = EMA(model, EMA_DECAY)
+    losses, norms = train(engine, make_batches(steps, cfg=model.config), ema=ema)
+    return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}, ema.state_dict()
+
+
+def full_tensors(sd: dict) -> dict:
+    """DTensor shards -> whole tensors (collective), plain tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in sd.items()}

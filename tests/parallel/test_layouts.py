@@ -44,6 +44,7 @@ ROUNDTRIP = ("fsdp", "tp2", "zero2", "zero3", "fsdp2_tp2", "hsdp2_cp2")
 def _run_layout(layout, ckpt_dir=None):
     import torch.distributed as dist
 
+    from lcv_train.training.ema import build_ema
     from parallel import ParallelConfig, build_engine, init_distributed, parallelize_model
 
     layout = dict(layout)
@@ -56,17 +57,40 @@ def _run_layout(layout, ckpt_dir=None):
     opt = L.make_optimizer(model) if cfg.engine == "fsdp" else dict(lr=L.LR, betas=(0.9, 0.95), eps=1e-8,
                                                                      weight_decay=0.1)
     engine = build_engine(model, opt, dims, cfg, grad_clip=L.GRAD_CLIP, grad_accum_steps=accum)
+    ema = build_ema(model, L.EMA_DECAY) if dims.tp == 1 else None  # TP's EMA: see the trainer tests
     n = L.GLOBAL_BATCH // dims.dp_size
-    losses, norms = L.train(engine, L.make_batches(), dims.dp_rank * n, (dims.dp_rank + 1) * n, accum)
+    losses, norms = L.train(engine, L.make_batches(), dims.dp_rank * n, (dims.dp_rank + 1) * n, accum, ema)
     assert dims.tp == 1 or dist.get_world_size(dims.group("tp")) == dims.tp
     if cfg.compile:
         from torch._dynamo.utils import counters
 
         assert counters["stats"]["unique_graphs"] > 0, "torch.compile compiled nothing"
     full = engine.full_model_state_dict()  # TP shards reassembled into the published layout
+    ema_full = _check_ema(engine, ema) if ema is not None else None
     if ckpt_dir is not None:
         _check_state_roundtrip(engine, dims, cfg, opt, n, ckpt_dir)
-    return losses, norms, full, dims.dp_rank
+    return losses, norms, full, dims.dp_rank, ema_full
+
+
+def _check_ema(engine, ema) -> dict:
+    """The EMA's whole tensors; inside ``swapped_in`` the engine's model computes with them (its loss on a
+    batch equals a plain model's holding those weights), and afterwards with its own weights again; a
+    state dict loads back into the same averages."""
+    batch = L.make_batches(1, seed=42)[0]
+    full = {k: v.detach().clone() for k, v in L.full_tensors(ema.state_dict()).items()}
+    plain = L.make_model(seed=3)
+    plain.load_state_dict(full)
+    with torch.no_grad():
+        before = L.loss_fn(engine.model, batch).item()
+        with ema.swapped_in():
+            swapped = L.loss_fn(engine.model, batch).item()
+        after = L.loss_fn(engine.model, batch).item()
+    assert swapped == pytest.approx(L.loss_fn(plain, batch).item(), rel=1e-5) and after == before != swapped
+    ema.load_state_dict({k: 2 * v for k, v in ema.state_dict().items()})
+    for k, v in L.full_tensors(ema.state_dict()).items():
+        torch.testing.assert_close(v, 2 * full[k], rtol=0, atol=0)
+    ema.load_state_dict({k: v / 2 for k, v in ema.state_dict().items()})
+    return full
 
 
 def _check_state_roundtrip(engine, dims, cfg, opt, n, ckpt_dir):
@@ -182,7 +206,7 @@ def test_two_ranks_match_single_process(name, runs, ref):
 def _compare(results, ref):
     for r in results:
         assert not isinstance(r, str), r
-    ref_losses, ref_norms, ref_sd = ref
+    ref_losses, ref_norms, ref_sd, ref_ema = ref
     # each dp rank's loss is the mean over its rows; the reference is the mean over all rows
     per_dp = {r[3]: r[0] for r in results}
     mean_loss = torch.tensor([per_dp[d] for d in sorted(per_dp)]).mean(0)
@@ -193,6 +217,11 @@ def _compare(results, ref):
     assert set(sd) == set(ref_sd)
     for k, v in ref_sd.items():
         torch.testing.assert_close(sd[k].float(), v, rtol=0, atol=PARAM_ATOL, msg=lambda m: f"{k}: {m}")
+    ema = results[0][4]  # the EMA's whole tensors (None for tensor parallelism)
+    if ema is not None:
+        assert set(ema) == set(ref_ema)
+        for k, v in ref_ema.items():
+            torch.testing.assert_close(ema[k].float(), v, rtol=0, atol=PARAM_ATOL, msg=lambda m: f"EMA {k}: {m}")
 
 
 

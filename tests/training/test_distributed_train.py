@@ -136,6 +136,36 @@ def test_init_from_published_weights_on_meta_matches_single_process(single_proce
         torchrun(o + ["run.name=init_bad", "parallel=fsdp", "parallel.cp=2", "parallel.backend=gloo"], cwd=tmp)
 
 
+def test_zero3_training_with_ema_resumes_exactly_and_exports(tmp_path):
+    """DeepSpeed ZeRO-3 with an EMA of the partitioned weights: 2+1 steps equal 3 straight (weights and
+    EMA), the checkpoint holds whole EMA tensors, and lcv-export writes them in the published layout."""
+    root, data = tmp_path / "runs", tmp_path / "data"
+    o = tiny_overrides(root, data) + ["parallel=zero3", "parallel.backend=gloo", "trainer.checkpoint_every=2",
+                                      "data.num_workers=1", "ema.decay=0.5", "trainer.sample_at_end=false"]
+    torchrun(o + ["run.name=full", "trainer.max_steps=3"], cwd=tmp_path)
+    torchrun(o + ["run.name=split", "trainer.max_steps=2"], cwd=tmp_path)
+    torchrun(o + ["run.name=split", "trainer.max_steps=3"], cwd=tmp_path)
+    full, split = losses(root / "full"), losses(root / "split")
+    assert split[3] == pytest.approx(full[3], rel=1e-6)
+    ema_full = saved_tensors(root / "full" / "checkpoints" / "step_0000003", "ema.")
+    ema_split = saved_tensors(root / "split" / "checkpoints" / "step_0000003", "ema.")
+    weights = saved_tensors(root / "full" / "checkpoints" / "step_0000003", "engine.model.")
+    assert ema_full.keys() == ema_split.keys() and len(ema_full) == len(weights) > 0
+    for k in ema_full:
+        torch.testing.assert_close(ema_split[k], ema_full[k], rtol=1e-6, atol=1e-7, msg=k)
+        assert ema_full[k].shape == weights["engine.model." + k[len("ema."):]].shape  # whole tensors
+    assert any(not torch.equal(ema_full[k], weights["engine.model." + k[len("ema."):]]) for k in ema_full)
+    out = tmp_path / "exported"
+    p = subprocess.run([sys.executable, "-m", "lcv_train.export", str(root / "full"), str(out), "--weights", "ema",
+                        "--dtype", "fp32"], env=env(), capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    from lcv_train.checkpoints import load_published_state_dict
+
+    exported = load_published_state_dict(out)
+    for k, v in ema_full.items():
+        torch.testing.assert_close(exported[k[len("ema."):]], v, rtol=0, atol=0, msg=k)
+
+
 def test_tensor_parallel_training_resumes_exactly_with_ema(tmp_path):
     """tp=2 splits attention and FFN weights (megatron-core); model, optimizer and EMA are saved per TP rank."""
     root, data = tmp_path / "runs", tmp_path / "data"
