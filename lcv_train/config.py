@@ -81,6 +81,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto (latest in the run dir, else fresh) | none | <checkpoint dir>
     device: str = "auto"  # auto | cpu | cuda
     sample_at_end: bool = True
+    sample_every: int = 0  # also write a sample every k steps (0: only at the end)
     init_from: str | None = None  # a published LongCat-Video folder (or a dit/ folder) to start from
 
     def validate(self) -> "TrainerConfig":
@@ -89,6 +90,7 @@ class TrainerConfig:
         require(self.log_every >= 1, "trainer.log_every", f"must be >= 1, got {self.log_every}")
         require(self.checkpoint_every >= 1, "trainer.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         require(self.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {self.keep_last}")
+        require(self.sample_every >= 0, "trainer.sample_every", f"must be >= 0 (0 = off), got {self.sample_every}")
         require(self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto|cpu|cuda, got {self.device!r}")
         return self
 

@@ -368,6 +368,11 @@ class Trainer:
                 if stop:
                     metrics_logger.write(f"stopped on request at step {step}; checkpoint saved")
                     break
+                every = cfg.trainer.sample_every
+                if every and step % every == 0 and not (step == total and cfg.trainer.sample_at_end):
+                    path = self.write_sample()
+                    if path is not None:
+                        metrics_logger.write(f"sample {path}")
             if last_saved != self.progress.step:
                 self.save_checkpoint()
             sample_path = None
@@ -390,6 +395,7 @@ class Trainer:
         from lcv_train.sampling import sample
 
         s = self.cfg.sample
+        was_training = self.model.training
         self.model.eval()
         text, mask = self.text_encoder.encode(list(s.captions))
         C, T, h, w = self.codec.latent_shape(s.frames, s.height, s.width)
@@ -397,6 +403,7 @@ class Trainer:
         ctx = self.ema.swapped_in() if self.ema is not None else _null()
         with ctx, self.engine.autocast():
             latents = sample(self.model, text.float(), mask, (C, T, h, w), s, generator=gen)
+        self.model.train(was_training)
         video = self.codec.decode(latents.float())  # [B, 3, F, H, W] in [-1, 1]
         if self.rank != 0:
             return None

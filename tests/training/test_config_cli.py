@@ -52,6 +52,8 @@ def test_model_presets_compose(preset):
     ("ema.decay=1.5", "ema.decay"),
     ("parallel.cp=0", "parallel.cp"),
     ("trainer.grad_accum=two", "trainer.grad_accum"),
+    ("trainer.sample_every=-1", "trainer.sample_every"),
+    ("parallel.cp_split_hw=[2,2]", "parallel.cp_split_hw"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

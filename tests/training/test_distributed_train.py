@@ -74,7 +74,11 @@ def test_context_parallel_training_matches_single_process(single_process_referen
     tmp, o, ref = single_process_reference
     o = [x for x in o if not x.startswith("run.name")] + [f"run.name=cp_{mode}", "parallel=fsdp", "parallel.cp=2",
                                                           f"parallel.cp_mode={mode}", "parallel.backend=gloo"]
+    if mode == "ring":  # sampling with the EMA weights between steps must not change training
+        o += ["trainer.sample_every=2", "sample.steps=1"]
     torchrun(o, cwd=tmp)
+    if mode == "ring":
+        assert sorted(p.name for p in (tmp / "runs" / "cp_ring" / "samples").glob("*.mp4")) == ["step_0000002.mp4"]
     log = (tmp / "runs" / f"cp_{mode}" / "logs" / "rank0.log").read_text()
     assert "5x5 tokens per frame as 2x1 tiles of 3x5, padding 16.7%" in log
     got = losses(tmp / "runs" / f"cp_{mode}")
