@@ -262,3 +262,35 @@ class ZeroEMA:
         with torch.no_grad():
             for n, t in self.shadow.items():
                 t.copy_(self._local(n, sd[n].to(t.device)))
+
+
+def zero3_init(cfg, dims):
+    """The context in which modules are built already partitioned over the ranks (ZeRO-3), in fp32 (the
+    engine makes the bf16 compute copy and keeps these as master weights). Pair with ``fill_zero3``."""
+    import torch.distributed as dist
+
+    ds = _deepspeed()
+    if not ds.comm.is_initialized():  # DeepSpeed's view of the process group we already made (its config needs it)
+        ds.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False,
+                                 verbose=False)
+    config = build_ds_config(cfg, {}, grad_clip=0.0, world_size=dims.world_size, device=dims.device)
+    # fp32 partitions, as a module built whole would have; ``deepspeed.initialize`` then makes the bf16 copy.
+    # (Through the config: Init's ``dtype`` argument is overridden where the accelerator lacks fp16, e.g. CPU.)
+    config["bf16"] = {"enabled": False}
+    return ds.zero.Init(config_dict_or_path=config)
+
+
+@torch.no_grad()
+def fill_zero3(model: torch.nn.Module, full_value) -> None:
+    """Set every parameter of a ZeRO-3-partitioned ``model``, one whole tensor at a time: rank 0 calls
+    ``full_value(name, param)`` (plain model name; the param gathered whole) and DeepSpeed hands each rank its
+    partition. Other ranks never call it, so rank 0 alone may hold the source (e.g. the published weights)."""
+    import torch.distributed as dist
+
+    from parallel.parallelize import canonical_name
+
+    ds = _deepspeed()
+    for name, p in model.named_parameters():
+        with ds.zero.GatheredParameters([p], modifier_rank=0):
+            if dist.get_rank() == 0:
+                p.data.copy_(full_value(canonical_name(name), p))

@@ -78,8 +78,12 @@ def _published_shapes(d: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Full (unsharded) shapes of the model's state dict; works on meta and on FSDP2 (DTensor) models."""
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Full (unsharded) shapes of the model's parameters and buffers; works on meta, FSDP2 (DTensor) and
+    ZeRO-3-partitioned (``ds_shape``) models."""
+    from parallel.parallelize import canonical_name
+
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return {canonical_name(k): tuple(getattr(v, "ds_shape", v.shape)) for k, v in tensors}
 
 
 def check_published_dit(model: torch.nn.Module, path: str | Path) -> Path:

@@ -143,9 +143,11 @@ class Trainer:
         drawn from ``initial_parameter`` (a function of the seed and the name only, so the weights equal a
         single process's), or read by rank 0 from ``trainer.init_from`` and broadcast. No rank ever holds
         the whole model on its GPU or, except rank 0 reading published weights, in host memory.
-        Otherwise (one process, ZeRO, tensor parallel) it is built whole on the device, loaded, then sharded.
+        Under ZeRO-3 with several ranks it is built partitioned (``deepspeed.zero.Init``) and filled the same
+        way, rank 0 computing or reading each tensor. Otherwise (one process, ZeRO-2, tensor parallel) it is
+        built whole on the device, loaded, then sharded.
         """
-        from lcv_train.checkpoints import check_published_dit, load_published_dit
+        from lcv_train.checkpoints import check_published_dit, load_published_dit, load_published_state_dict
         from lcv_train.model.dit import initial_parameter
 
         cfg, pcfg = self.cfg, self.cfg.parallel
@@ -168,6 +170,22 @@ class Trainer:
             else:
                 fill_shards(model, lambda name, p: initial_parameter(name, p.shape, seed, self.device, p.dtype))
             return model
+        if pcfg.engine == "zero3" and self.dims.world_size > 1:
+            from parallel.zero import fill_zero3, zero3_init
+
+            with zero3_init(pcfg, self.dims):
+                model = LongCatDiT(cfg.model)
+            if init_from:
+                source = check_published_dit(model, init_from)
+                full = load_published_state_dict(source) if self.rank == 0 else None
+                fill_zero3(model, lambda name, p: full[name])
+                del full
+                log.info("loaded %s: rank 0 read it, every rank received its partition", init_from)
+            else:
+                seed = model.init_seed
+                fill_zero3(model, lambda name, p: initial_parameter(name, p.shape, seed, self.device, p.dtype))
+            self.stage.prepare(model)
+            return parallelize_model(model, self.dims, pcfg)
         with torch.device(self.device):
             model = LongCatDiT(cfg.model)
         if init_from:

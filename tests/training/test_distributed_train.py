@@ -170,6 +170,38 @@ def test_zero3_training_with_ema_resumes_exactly_and_exports(tmp_path):
         torch.testing.assert_close(exported[k[len("ema."):]], v, rtol=0, atol=0, msg=k)
 
 
+def test_zero3_builds_the_model_partitioned_with_the_single_process_weights(tmp_path):
+    """ZeRO-3 on 2 ranks builds the DiT partitioned (deepspeed.zero.Init) and fills it tensor by tensor:
+    random init equals one process's, and trainer.init_from gives exactly the published weights (checked
+    in the first checkpoint; lr 1e-30 leaves the weights as they started)."""
+    from lcv_train.checkpoints import export_published_dit
+    from lcv_train.model import LongCatDiT
+
+    root, data = tmp_path / "runs", tmp_path / "data"
+    o = tiny_overrides(root, data) + ["trainer.max_steps=1", "optim.lr=1e-30", "trainer.sample_at_end=false",
+                                      "data.num_workers=1", "ema.decay=0"]
+    zero3 = ["parallel=zero3", "parallel.backend=gloo"]
+    lcv_train(o + ["run.name=one"], cwd=tmp_path)
+    torchrun(o + zero3 + ["run.name=z3"], cwd=tmp_path)
+    one = saved_tensors(root / "one" / "checkpoints" / "step_0000001", "engine.model.")
+    z3 = saved_tensors(root / "z3" / "checkpoints" / "step_0000001", "engine.model.")
+    assert one.keys() == z3.keys() and len(one) > 10
+    for k in one:  # (zero-initialised weights moved by ~lr = 1e-30, differently rounded: atol 1e-20)
+        torch.testing.assert_close(z3[k], one[k], rtol=0, atol=1e-20, msg=k)
+
+    torch.manual_seed(11)
+    m = LongCatDiT.from_preset("tiny")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.05)
+    export_published_dit(m.state_dict(), m.config, tmp_path / "pub")
+    torchrun(o + zero3 + ["run.name=z3_init", f"trainer.init_from={tmp_path / 'pub'}"], cwd=tmp_path)
+    assert "every rank received its partition" in (root / "z3_init" / "logs" / "rank0.log").read_text()
+    loaded = saved_tensors(root / "z3_init" / "checkpoints" / "step_0000001", "engine.model.")
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(loaded["engine.model." + k], v.bfloat16().float(), rtol=0, atol=1e-20, msg=k)
+
+
 def test_tensor_parallel_training_resumes_exactly_with_ema(tmp_path):
     """tp=2 splits attention and FFN weights (megatron-core); model, optimizer and EMA are saved per TP rank."""
     root, data = tmp_path / "runs", tmp_path / "data"
