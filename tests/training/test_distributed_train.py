@@ -107,16 +107,8 @@ def test_block_sparse_ring_training_on_a_ragged_grid_matches_single_process(tmp_
 def test_init_from_published_weights_on_meta_matches_single_process(single_process_reference):
     """trainer.init_from under FSDP2 (cp=2): built on meta, rank 0 reads, shards are broadcast; the losses
     equal a single process that loads the same folder, and differ from a random start."""
-    from lcv_train.checkpoints import export_published_dit
-    from lcv_train.model import LongCatDiT
-
     tmp, o, ref = single_process_reference
-    torch.manual_seed(7)
-    m = LongCatDiT.from_preset("tiny")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(std=0.05)
-    export_published_dit(m.state_dict(), m.config, tmp / "pub")
+    write_published_tiny(tmp / "pub", seed=7)
     o = [x for x in o if not x.startswith(("run.name", "trainer.max_steps"))] + [
         f"trainer.init_from={tmp / 'pub'}", "trainer.max_steps=2"]
     lcv_train(o + ["run.name=init_one"], cwd=tmp)
@@ -174,9 +166,6 @@ def test_zero3_builds_the_model_partitioned_with_the_single_process_weights(tmp_
     """ZeRO-3 on 2 ranks builds the DiT partitioned (deepspeed.zero.Init) and fills it tensor by tensor:
     random init equals one process's, and trainer.init_from gives exactly the published weights (checked
     in the first checkpoint; lr 1e-30 leaves the weights as they started)."""
-    from lcv_train.checkpoints import export_published_dit
-    from lcv_train.model import LongCatDiT
-
     root, data = tmp_path / "runs", tmp_path / "data"
     o = tiny_overrides(root, data) + ["trainer.max_steps=1", "optim.lr=1e-30", "trainer.sample_at_end=false",
                                       "data.num_workers=1", "ema.decay=0"]
@@ -189,12 +178,7 @@ def test_zero3_builds_the_model_partitioned_with_the_single_process_weights(tmp_
     for k in one:  # (zero-initialised weights moved by ~lr = 1e-30, differently rounded: atol 1e-20)
         torch.testing.assert_close(z3[k], one[k], rtol=0, atol=1e-20, msg=k)
 
-    torch.manual_seed(11)
-    m = LongCatDiT.from_preset("tiny")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(std=0.05)
-    export_published_dit(m.state_dict(), m.config, tmp_path / "pub")
+    m = write_published_tiny(tmp_path / "pub", seed=11)
     torchrun(o + zero3 + ["run.name=z3_init", f"trainer.init_from={tmp_path / 'pub'}"], cwd=tmp_path)
     assert "every rank received its partition" in (root / "z3_init" / "logs" / "rank0.log").read_text()
     loaded = saved_tensors(root / "z3_init" / "checkpoints" / "step_0000001", "engine.model.")
@@ -233,6 +217,20 @@ def test_tensor_parallel_training_resumes_exactly_with_ema(tmp_path):
     assert tp_weights.keys() == ref.keys()
     for k in ref:  # Adam's first steps amplify rounding differences on tiny gradients: 1e-3 absolute
         torch.testing.assert_close(tp_weights[k], ref[k], rtol=1e-3, atol=1e-3, msg=k)
+
+
+def write_published_tiny(folder, seed: int):
+    """A tiny DiT with random weights (no AdaLN-Zero), exported in the published layout; returns the model."""
+    from lcv_train.checkpoints import export_published_dit
+    from lcv_train.model import LongCatDiT
+
+    torch.manual_seed(seed)
+    m = LongCatDiT.from_preset("tiny")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.05)
+    export_published_dit(m.state_dict(), m.config, folder)
+    return m
 
 
 def saved_tensors(ckpt, prefix):
