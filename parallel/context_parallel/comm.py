@@ -1,4 +1,4 @@
-"""Communication for context parallelism: token split/gather with gradients, ring shifts, all-to-all.
+"""Communication for context parallelism: token-grid split/gather with gradients, ring shifts, all-to-all.
 
 Gradient convention (read this before reducing gradients)
 ---------------------------------------------------------
@@ -13,8 +13,8 @@ by broadcasting (timestep / caption embedders, adaLN), and before the split (pat
 averages gradients over the cp ranks exactly as it does over data-parallel ranks (FSDP on the flattened
 ``dp x cp`` mesh does this). The loss value itself is identical on the cp ranks: log it once.
 
-Hence ``gather_tokens``' backward is a sum over ranks followed by the local slice (the adjoint of an
-all-gather), and ``split_tokens``' backward writes the local gradient into a zero tensor of the full shape
+Hence ``gather_grid``'s backward is a sum over ranks followed by the local tile (the adjoint of an
+all-gather), and ``split_grid``'s backward writes the local gradient into a zero tensor of the full shape
 (the adjoint of taking a slice). The "backward of split = all-gather, backward of gather = local slice"
 pairing is only consistent when every consumer of a replicated tensor is replicated too; the DiT's
 per-frame modulation and text keys are replicated tensors consumed by sharded tokens, so that pairing
@@ -35,8 +35,6 @@ def group_size(group: ProcessGroup | None) -> int:
 def group_rank(group: ProcessGroup | None) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
-
-# -- split / gather along one dimension -----------------------------------------------------------
 
 def _check_divisible(x: torch.Tensor, dim: int, cp: int) -> None:
     if x.shape[dim] % cp != 0:
@@ -60,25 +58,6 @@ class _AllGatherStack(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.r], None
-
-
-def split_tokens(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    """This rank's equal slice of ``x`` along ``dim`` (rank r gets chunk r). Backward: zero-padded gradient
-    (see the module docstring for why). Identity when the group has one rank."""
-    cp = group_size(group)
-    if cp == 1:
-        return x
-    _check_divisible(x, dim, cp)
-    n = x.shape[dim] // cp
-    return x.narrow(dim, group_rank(group) * n, n)
-
-
-def gather_tokens(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along ``dim`` in rank order. Backward: sum over ranks, then this rank's
-    slice. Identity when the group has one rank."""
-    if group_size(group) == 1:
-        return x
-    return torch.cat(_AllGatherStack.apply(x, group).unbind(0), dim=dim)
 
 
 # -- split / gather of the token grid by a ShardLayout (H x W tiles, padded) ------------------------

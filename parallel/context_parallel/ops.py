@@ -96,8 +96,8 @@ class RingAttentionOp(_ContextParallelOp):
     def self_attention(self, q, k, v, q_grid, kv_grid):
         layout = self.layout(q_grid[1], q_grid[2])
         if self._use_bsa(q_grid, kv_grid):
-            return bsa_ring_attention(q, k, v, q_grid, kv_grid, self.group, self.block_shape, self.sparsity,
-                                      self.cdf_threshold, self.backend, layout=layout)
+            return bsa_ring_attention(q, k, v, q_grid, kv_grid, self.group, layout, self.block_shape, self.sparsity,
+                                      self.cdf_threshold, self.backend)
         return dense_ring_attention(q, k, v, self.group, backend=self.dense_backend, layout=layout)
 
 

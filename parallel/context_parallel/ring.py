@@ -321,31 +321,23 @@ def _plan_bsa_steps(qb, kb, q_valid, k_valid, kv_frames, layout, block_shape, gr
     return steps
 
 
-def bsa_ring_attention(q, k, v, q_grid, kv_grid, group: ProcessGroup, block_shape=(4, 4, 4),
-                       sparsity: float = 0.9375, cdf_threshold: float | None = None, backend: str = "auto",
-                       layout=None):
+def bsa_ring_attention(q, k, v, q_grid, kv_grid, group: ProcessGroup, layout, block_shape=(4, 4, 4),
+                       sparsity: float = 0.9375, cdf_threshold: float | None = None, backend: str = "auto"):
     """Block-sparse ring attention on tiled grids.
 
     ``q_grid`` / ``kv_grid`` are the *full* (T, H, W) grids; ``q [B, Sq, H, D]`` / ``k, v [B, Sk, H, D]``
-    are this rank's tile of every frame (``layout``, a ``ShardLayout`` whose tiles are whole 3D blocks;
-    default: rows split evenly, ``H % (cp * block_h) == 0``), in the tile's raster order. Pooled keys are
+    are this rank's tile of every frame (``layout``, a ``ShardLayout`` whose tiles are whole 3D blocks), in
+    the tile's raster order. Pooled keys are
     gathered from every rank, so the selection equals single-process ``block_sparse_attention`` on the full
     grids; padding is neither pooled nor attended; each ring step attends to the selected blocks of the
     visiting shard and results merge by log-sum-exp.
     """
     from kernels.bsa import blockify, unblockify
 
-    from parallel.context_parallel.layout import ShardLayout
-
     block_shape = tuple(int(b) for b in block_shape)
     cp = group_size(group)
     if tuple(q_grid[1:]) != tuple(kv_grid[1:]):
         raise ValueError(f"BSA ring attention: q grid {tuple(q_grid)} and kv grid {tuple(kv_grid)} differ in H x W")
-    if layout is None:
-        layout = ShardLayout(q_grid[1], q_grid[2], (cp, 1), block_shape[1:])
-        if layout.padded[0] != q_grid[1]:
-            raise ValueError(f"BSA ring attention: height {q_grid[1]} is not a multiple of cp * block_h = "
-                             f"{cp} * {block_shape[1]}; pass a padded ShardLayout")
     th, tw = layout.tile
     if layout.cp != cp or (layout.height, layout.width) != tuple(q_grid[1:]) or th % block_shape[1] or tw % block_shape[2]:
         raise ValueError(f"BSA ring attention: layout {layout} does not tile the grid {tuple(q_grid)} over cp={cp} "
