@@ -69,7 +69,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, mesh=N
 
 
 @torch.no_grad()
-def fill_shards(model: nn.Module, full_value) -> None:
+def fill_shards(model: nn.Module, full_value, from_rank0: bool = False) -> None:
     """Set every entry of ``model.state_dict()`` from its full value, one tensor at a time.
 
     ``full_value(name, param)`` returns the whole tensor (``name`` is the plain model's name, without the
@@ -77,11 +77,28 @@ def fill_shards(model: nn.Module, full_value) -> None:
     (FSDP2/HSDP DTensors, uneven shards included), or the whole tensor into a plain one. This is how a model
     sharded on the meta device and materialised with ``to_empty`` gets its starting weights: the full model
     never exists on any rank, only one full tensor at a time.
+
+    ``from_rank0``: only global rank 0 calls ``full_value`` (e.g. it alone read a checkpoint); each tensor is
+    broadcast over the default group first. (Ours rather than ``set_model_state_dict(...,
+    broadcast_from_rank0=True)``, which aborted about one gloo run in ten at interpreter exit here.)
     """
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     from parallel.parallelize import canonical_name
+
+    if from_rank0:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        source = full_value
+
+        def full_value(name: str, param: torch.Tensor) -> torch.Tensor:
+            if dist.get_rank() == 0:
+                buf = source(name, param).to(device=device, dtype=param.dtype).contiguous()
+            else:
+                buf = torch.empty(param.shape, dtype=param.dtype, device=device)
+            dist.broadcast(buf, src=0)
+            return buf
 
     for name, param in model.state_dict().items():
         full = full_value(canonical_name(name), param)

@@ -112,51 +112,14 @@ def check_published_dit(model: torch.nn.Module, path: str | Path) -> Path:
     return d
 
 
-def _is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def load_published_dit(model: torch.nn.Module, path: str | Path) -> None:
-    """Copy published weights into ``model``, strictly (checked first by ``check_published_dit``).
-
-    ``model`` is either a plain ``LongCatDiT`` (every process reads the weights), or one already sharded by
-    FSDP2 (parameters are DTensors, e.g. built on meta and materialised with ``to_empty``): then only
-    global rank 0 reads the files, and each tensor is broadcast and sharded in turn, so host memory holds
-    one full copy per job instead of one per rank. Every rank of the default group must call it then.
-    """
+    """Copy published weights into ``model`` (a plain, unsharded ``LongCatDiT``), strictly (checked first by
+    ``check_published_dit``). Sharded models are filled tensor by tensor instead: see the trainer's
+    ``_build_model`` (``parallel.fsdp.fill_shards``, ``parallel.zero.fill_zero3``)."""
     d = check_published_dit(model, path)
-    if not _is_sharded(model):
-        own = model.state_dict()
-        sd = load_published_state_dict(d)
-        model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, strict=True)
-        return
-    import torch.distributed as dist
-
-    _broadcast_into_shards(model, load_published_state_dict(d) if dist.get_rank() == 0 else None)
-
-
-def _broadcast_into_shards(model: torch.nn.Module, full: dict[str, torch.Tensor] | None) -> None:
-    """Rank 0 holds ``full`` (every tensor, any dtype); one tensor at a time, it is cast to the parameter's
-    dtype and broadcast to every rank of the default group, which keeps its slice (``fill_shards``). Peak
-    extra memory per rank: one full tensor. (Ours rather than ``set_model_state_dict(...,
-    broadcast_from_rank0=True)``, which aborted about one gloo run in ten at interpreter exit.)"""
-    import torch.distributed as dist
-
-    from parallel.fsdp import fill_shards
-
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-    def broadcast(name: str, param: torch.Tensor) -> torch.Tensor:
-        if dist.get_rank() == 0:
-            buf = full[name].to(device=device, dtype=param.dtype).contiguous()
-        else:
-            buf = torch.empty(param.shape, dtype=param.dtype, device=device)
-        dist.broadcast(buf, src=0)
-        return buf
-
-    fill_shards(model, broadcast)
+    own = model.state_dict()
+    sd = load_published_state_dict(d)
+    model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, strict=True)
 
 
 def export_published_dit(state_dict: dict[str, torch.Tensor], config: DiTConfig, out: str | Path,

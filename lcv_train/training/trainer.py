@@ -138,14 +138,13 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         """The DiT, parallelized, with its starting weights.
 
-        Under FSDP2 with several ranks (engine fsdp, tp 1) the DiT is built on the meta device, sharded,
-        materialised empty, and each tensor is then made whole one at a time and sliced into the shards:
-        drawn from ``initial_parameter`` (a function of the seed and the name only, so the weights equal a
-        single process's), or read by rank 0 from ``trainer.init_from`` and broadcast. No rank ever holds
-        the whole model on its GPU or, except rank 0 reading published weights, in host memory.
-        Under ZeRO-3 with several ranks it is built partitioned (``deepspeed.zero.Init``) and filled the same
-        way, rank 0 computing or reading each tensor. Otherwise (one process, ZeRO-2, tensor parallel) it is
-        built whole on the device, loaded, then sharded.
+        Under FSDP2 (engine fsdp, tp 1) or ZeRO-3 with several ranks, the DiT is built already sharded (on the
+        meta device, then sharded and materialised empty; or partitioned by ``deepspeed.zero.Init``) and
+        filled one whole tensor at a time: drawn from ``initial_parameter`` (a function of the seed and the
+        name only, so the weights equal a single process's), or read by rank 0 alone from
+        ``trainer.init_from`` and handed out. No GPU ever holds the whole model, and only rank 0's host the
+        published weights. Otherwise (one process, ZeRO-2, tensor parallel) it is built whole on the device,
+        loaded, then sharded.
         """
         from lcv_train.checkpoints import check_published_dit, load_published_dit, load_published_state_dict
         from lcv_train.model.dit import initial_parameter
@@ -153,45 +152,40 @@ class Trainer:
         cfg, pcfg = self.cfg, self.cfg.parallel
         init_from = cfg.trainer.init_from
         torch.manual_seed(cfg.run.seed)  # the model's init_seed is drawn from it: the same on every rank
-        if pcfg.engine == "fsdp" and self.dims.tp == 1 and self.dims.uses_fsdp:
-            from parallel.fsdp import fill_shards
-
-            with torch.device("meta"):
+        fsdp = pcfg.engine == "fsdp" and self.dims.tp == 1 and self.dims.uses_fsdp
+        zero3 = pcfg.engine == "zero3" and self.dims.world_size > 1
+        if not (fsdp or zero3):
+            with torch.device(self.device):
                 model = LongCatDiT(cfg.model)
-            if init_from:
-                check_published_dit(model, init_from)  # every rank, headers only: a bad folder stops all alike
-            self.stage.prepare(model)
-            seed = model.init_seed
-            model = parallelize_model(model, self.dims, pcfg)
-            model.to_empty(device="cpu" if pcfg.cpu_offload else self.device)
             if init_from:
                 load_published_dit(model, init_from)
-                log.info("loaded %s: rank 0 read it, every rank received its shard", init_from)
-            else:
-                fill_shards(model, lambda name, p: initial_parameter(name, p.shape, seed, self.device, p.dtype))
-            return model
-        if pcfg.engine == "zero3" and self.dims.world_size > 1:
-            from parallel.zero import fill_zero3, zero3_init
-
-            with zero3_init(pcfg, self.dims):
-                model = LongCatDiT(cfg.model)
-            if init_from:
-                source = check_published_dit(model, init_from)
-                full = load_published_state_dict(source) if self.rank == 0 else None
-                fill_zero3(model, lambda name, p: full[name])
-                del full
-                log.info("loaded %s: rank 0 read it, every rank received its partition", init_from)
-            else:
-                seed = model.init_seed
-                fill_zero3(model, lambda name, p: initial_parameter(name, p.shape, seed, self.device, p.dtype))
             self.stage.prepare(model)
             return parallelize_model(model, self.dims, pcfg)
-        with torch.device(self.device):
+
+        from parallel.fsdp import fill_shards
+        from parallel.zero import fill_zero3, zero3_init
+
+        with torch.device("meta") if fsdp else zero3_init(pcfg, self.dims):
             model = LongCatDiT(cfg.model)
         if init_from:
-            load_published_dit(model, init_from)
+            source = check_published_dit(model, init_from)  # every rank, headers only: a bad folder stops all alike
         self.stage.prepare(model)
-        return parallelize_model(model, self.dims, pcfg)
+        seed = model.init_seed
+        model = parallelize_model(model, self.dims, pcfg)
+        if fsdp:
+            model.to_empty(device="cpu" if pcfg.cpu_offload else self.device)
+        if init_from:
+            full = load_published_state_dict(source) if self.rank == 0 else None
+            value = lambda name, p: full[name]  # noqa: E731  (called on rank 0 only)
+        else:
+            value = lambda name, p: initial_parameter(name, p.shape, seed, self.device, p.dtype)  # noqa: E731
+        if fsdp:
+            fill_shards(model, value, from_rank0=bool(init_from))
+        else:
+            fill_zero3(model, value)  # rank 0 computes or reads, DeepSpeed partitions
+        if init_from:
+            log.info("loaded %s: rank 0 read it, every rank received its part", init_from)
+        return model
 
     def _barrier(self) -> None:
         if dist.is_initialized():

@@ -42,22 +42,24 @@ def _sharded_meta_model():
 
 
 def _check_load(rank, world, folder):
-    import lcv_train.checkpoints.published as published
+    """What the trainer does with trainer.init_from under FSDP2: rank 0 alone reads, fill_shards broadcasts."""
     from safetensors.torch import load_file
 
+    from lcv_train.checkpoints import load_published_state_dict
+    from parallel.fsdp import fill_shards
+    from parallel.parallelize import canonical_name
+
     model = _sharded_meta_model()
-    reader = published.load_published_state_dict
-    if rank != 0:  # any read of the weights on another rank fails the test
-        published.load_published_state_dict = lambda *a: (_ for _ in ()).throw(AssertionError("rank 1 read weights"))
-    try:
-        published.load_published_dit(model, folder)
-    finally:
-        published.load_published_state_dict = reader
+    full = load_published_state_dict(folder) if rank == 0 else None
+
+    def value(name, p):
+        assert rank == 0, "fill_shards(from_rank0=True) asked another rank for a weight"
+        return full[name]
+
+    fill_shards(model, value, from_rank0=True)
     expect = {}
     for f in sorted((folder / "dit").glob("*.safetensors")):
         expect.update(load_file(str(f)))
-    from parallel.parallelize import canonical_name
-
     names = set()
     for k, v in model.state_dict().items():
         assert v.to_local().numel() < v.numel() or v.numel() < world  # really sharded
@@ -67,12 +69,13 @@ def _check_load(rank, world, folder):
 
 
 def _check_bad_folder(rank, world, folder):
-    from lcv_train.checkpoints import load_published_dit
+    """The header check works on a sharded model, on every rank (so no rank waits in a broadcast)."""
+    from lcv_train.checkpoints import check_published_dit
     from lcv_train.errors import CheckpointError
 
     model = _sharded_meta_model()
     with pytest.raises(CheckpointError, match="is missing"):
-        load_published_dit(model, folder)
+        check_published_dit(model, folder)
 
 
 def test_rank0_reads_and_every_rank_gets_its_shard(tmp_path):

@@ -114,7 +114,7 @@ def test_init_from_published_weights_on_meta_matches_single_process(single_proce
     lcv_train(o + ["run.name=init_one"], cwd=tmp)
     torchrun(o + ["run.name=init_cp", "parallel=fsdp", "parallel.cp=2", "parallel.backend=gloo",
                   "parallel.activation_checkpointing=2"], cwd=tmp)
-    assert "rank 0 read it, every rank received its shard" in (tmp / "runs" / "init_cp" / "logs" / "rank0.log").read_text()
+    assert "rank 0 read it, every rank received its part" in (tmp / "runs" / "init_cp" / "logs" / "rank0.log").read_text()
     one, cp = losses(tmp / "runs" / "init_one"), losses(tmp / "runs" / "init_cp")
     for step in (1, 2):
         assert cp[step] == pytest.approx(one[step], rel=1e-4), (step, cp, one)
@@ -180,7 +180,7 @@ def test_zero3_builds_the_model_partitioned_with_the_single_process_weights(tmp_
 
     m = write_published_tiny(tmp_path / "pub", seed=11)
     torchrun(o + zero3 + ["run.name=z3_init", f"trainer.init_from={tmp_path / 'pub'}"], cwd=tmp_path)
-    assert "every rank received its partition" in (root / "z3_init" / "logs" / "rank0.log").read_text()
+    assert "every rank received its part" in (root / "z3_init" / "logs" / "rank0.log").read_text()
     loaded = saved_tensors(root / "z3_init" / "checkpoints" / "step_0000001", "engine.model.")
     for k, v in m.state_dict().items():
         torch.testing.assert_close(loaded["engine.model." + k], v.bfloat16().float(), rtol=0, atol=1e-20, msg=k)
