@@ -32,8 +32,9 @@ Activations (bf16 compute, per latent token per block), measured with saved-tens
   output (10D);
 - 8*F: SwiGLU's w1 and w3 outputs, the SiLU and the product (bf16).
 
-Tokens per rank are ``tokens / cp``, padding included (``parallel/context_parallel/layout.py``). With activation checkpointing every k-th block, a checkpointed block
-keeps only its bf16 input (2*D per token) and one block is recomputed at a time during backward::
+Tokens per rank are ``tokens / cp``, padding included (``parallel/context_parallel/layout.py``). With
+activation checkpointing every k-th block, a checkpointed block keeps only its bf16 input (2*D per token)
+and one block is recomputed at a time during backward::
 
     acts = tokens/cp * batch * (n_ckpt * 2*D + (depth - n_ckpt) * per_block + [n_ckpt > 0] * per_block)
 
@@ -214,10 +215,9 @@ def plan(model_cfg, pcfg, world_size: int, bucket, batch: int = 1, text_len: int
     cp_layout = None
     sharded_tokens = tokens
     if dims.cp > 1:
-        from parallel.context_parallel.layout import choose_layout
+        from parallel.context_parallel.layout import choose_layout, tile_unit
 
-        unit = tuple(model_cfg.bsa.chunk_3d_shape_q[1:]) if (model_cfg.attention == "bsa"
-                                                              and pcfg.cp_mode == "ring") else (1, 1)
+        unit = tile_unit(model_cfg.attention, pcfg.cp_mode, model_cfg.bsa.chunk_3d_shape_q)
         cp_layout = choose_layout(grid[1], grid[2], dims.cp, unit, pcfg.cp_split_hw)
         sharded_tokens = grid[0] * cp_layout.padded[0] * cp_layout.padded[1]
     shards = shards or real_sharding(model_cfg, pcfg, world_size)

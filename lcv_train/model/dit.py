@@ -11,6 +11,7 @@ per-frame modulation is a broadcast over ``S``. Condition frames come first alon
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -230,8 +231,6 @@ def init_rule(name: str, shape) -> tuple:
 def initial_parameter(name: str, shape, seed: int, device, dtype=torch.float32) -> torch.Tensor:
     """The full initial value of parameter ``name``: drawn from a generator seeded by ``seed`` and the name
     alone, so it does not depend on the order, the process or the sharding in which parameters are made."""
-    import zlib
-
     rule = init_rule(name, shape)
     if rule[0] in ("zeros", "ones"):
         return (torch.zeros if rule[0] == "zeros" else torch.ones)(shape, device=device, dtype=dtype)

@@ -77,6 +77,16 @@ class ShardLayout:
                 f"padding {100 * self.padding_fraction:.1f}%")
 
 
+def tile_unit(attention: str, cp_mode: str, block_shape) -> tuple[int, int]:
+    """What every tile's height and width must be a multiple of: whole 3D blocks (``block_shape``'s H and W)
+    when block-sparse ring attention works on the tiles themselves; ``(1, 1)`` for dense attention and for
+    Ulysses, which runs the single-process operator on the gathered full grid. Images (T = 1) attend densely
+    but share the video layout, so the unit does not depend on T."""
+    if attention == "bsa" and cp_mode == "ring":
+        return int(block_shape[1]), int(block_shape[2])
+    return 1, 1
+
+
 def _splits(cp: int):
     return [(ch, cp // ch) for ch in range(cp, 0, -1) if cp % ch == 0]
 

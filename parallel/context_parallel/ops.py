@@ -23,7 +23,7 @@ from torch.distributed import ProcessGroup
 from lcv_train.errors import ConfigError
 from lcv_train.model.attention import AttentionOp, BlockSparseAttentionOp, Grid
 from parallel.context_parallel.comm import all_to_all, gather_grid, group_rank, group_size, split_grid
-from parallel.context_parallel.layout import ShardLayout, choose_layout
+from parallel.context_parallel.layout import ShardLayout, choose_layout, tile_unit
 from parallel.context_parallel.ring import bsa_ring_attention, dense_ring_attention
 
 _INNER = ("dense", "bsa")
@@ -58,14 +58,10 @@ class _ContextParallelOp(AttentionOp):
             choose_layout(1, 1, self.cp, split=self.split_hw)  # a bad split fails now, not at the first step
 
     # -- token layout ---------------------------------------------------------------------------
-    def _unit(self) -> tuple[int, int]:
-        """Tile sizes must be multiples of this: whole 3D blocks when block-sparse attention runs on the
-        tiles. Images (T = 1) attend densely but share the video layout, so it does not depend on T."""
-        return self.block_shape[1:] if self.name == "bsa" else (1, 1)
-
     def layout(self, height: int, width: int) -> ShardLayout:
         """How a full ``height x width`` token grid is tiled over the cp ranks."""
-        return choose_layout(height, width, self.cp, self._unit(), self.split_hw)
+        unit = tile_unit(self.name, self.cp_mode, self.block_shape)
+        return choose_layout(height, width, self.cp, unit, self.split_hw)
 
     def shard_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return split_grid(x, self.layout(x.shape[2], x.shape[3]), self.group)
@@ -109,9 +105,6 @@ class UlyssesAttentionOp(_ContextParallelOp):
     def __init__(self, group, inner="dense", **kwargs):
         super().__init__(group, inner, **kwargs)
         self._inner = self.inner_op()
-
-    def _unit(self) -> tuple[int, int]:
-        return (1, 1)  # block-sparse attention runs on the full grid after the all-to-all
 
     def _to_full(self, x: torch.Tensor, grid: Grid, layout: ShardLayout) -> torch.Tensor:
         """``[B, T*th*tw, heads, D]`` local tile -> ``[B, T*H*W, heads/cp, D]`` in full-grid raster order."""

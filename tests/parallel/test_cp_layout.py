@@ -11,7 +11,7 @@ import pytest
 
 from lcv_train.errors import ConfigError
 from parallel import ParallelConfig
-from parallel.context_parallel.layout import ShardLayout, choose_layout
+from parallel.context_parallel.layout import ShardLayout, choose_layout, tile_unit
 
 
 def _owned(layout: ShardLayout, rank: int) -> set[tuple[int, int]]:
@@ -62,3 +62,9 @@ def test_bad_splits_name_the_key():
     with pytest.raises(ConfigError, match=r"parallel.cp_split_hw: must be \[ch, cw\] with ch \* cw = cp = 4"):
         ParallelConfig(cp=4, cp_split_hw=(2, 1)).validate()
     ParallelConfig(cp=4, cp_split_hw=(2, 2)).validate()
+
+
+def test_whole_blocks_only_where_block_sparse_attention_runs_on_the_tiles():
+    assert tile_unit("bsa", "ring", (4, 2, 8)) == (2, 8)  # the block's H and W
+    assert tile_unit("bsa", "ulysses", (4, 2, 8)) == (1, 1)  # Ulysses attends on the gathered full grid
+    assert tile_unit("dense", "ring", (4, 2, 8)) == (1, 1)
