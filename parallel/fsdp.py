@@ -68,6 +68,17 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, mesh=N
     return model
 
 
+def reshard_fsdp(model: nn.Module) -> None:
+    """Drop the whole parameters FSDP2 keeps after a forward (``reshard_after_forward=False`` groups), so the
+    next forward gathers the shards again: needed whenever shards are written outside the optimizer (the
+    EMA swapping its averages in and out). A no-op for a model without FSDP2 groups."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 @torch.no_grad()
 def fill_shards(model: nn.Module, full_value, from_rank0: bool = False) -> None:
     """Set every entry of ``model.state_dict()`` from its full value, one tensor at a time.

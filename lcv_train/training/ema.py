@@ -10,17 +10,8 @@ import contextlib
 
 import torch
 
+from parallel.fsdp import reshard_fsdp
 from parallel.parallelize import canonical_name
-
-
-def reshard_fsdp(model: torch.nn.Module) -> None:
-    """Drop the whole parameters FSDP2 keeps after a forward (``reshard_after_forward=False`` groups), so the
-    next forward gathers the shards again: needed whenever shards are written outside the optimizer."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
 
 
 class EMA:
