@@ -1,6 +1,7 @@
 """Public entry points of 3D block-sparse attention (BSA).
 
 ``block_sparse_attention`` = blockify -> pool -> select (no grad) -> block_attention -> unblockify.
+Selection follows the published LongCat kernel (``select.py``); query and key blocks may differ in shape.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import math
 
 import torch
 
-from .layout import blockify, pool_blocks, unblockify
+from .layout import blockify, common_block, num_blocks, pool_blocks, unblockify
 from .naive import block_attention_torch
-from .select import select_blocks
+from .select import refine_selection, select_blocks
 
 _BACKENDS = ("auto", "torch", "triton")
 
@@ -76,38 +77,60 @@ def block_attention(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, q_vali
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, latent_shape,
-                           kv_latent_shape=None, block_shape=(4, 4, 4), sparsity: float = 0.9375,
-                           cdf_threshold: float | None = None, backend: str = "auto", return_lse: bool = False):
-    """3D block-sparse attention.
+                           kv_latent_shape=None, block_shape=(4, 4, 4), sparsity: float | None = 0.9375,
+                           cdf_threshold: float | None = None, backend: str = "auto", return_lse: bool = False,
+                           kv_block_shape=None, fp32_scores: bool = False):
+    """3D block-sparse attention with LongCat's block selection.
 
     Args:
         q: ``[B, Sq, H, D]`` in T-H-W raster order of ``latent_shape = (T, H, W)`` (RoPE already applied).
         k, v: ``[B, Sk, H, D]`` in raster order of ``kv_latent_shape`` (default ``latent_shape``; with
             condition frames kv has more frames than q).
-        block_shape: 3D block ``(bt, bh, bw)``; latent sizes need not be multiples (exact padding masks).
-        sparsity: top-k rule, keeps ``clamp(ceil((1 - sparsity) * nk), 1, nk)`` key blocks per query block.
-        cdf_threshold: if set, keep instead the smallest set of key blocks whose softmax block-score mass
-            reaches it (at least 1).
+        block_shape: 3D query block ``(bt, bh, bw)`` (``chunk_3d_shape_q``). Latent sizes need not be
+            multiples (exact padding masks; the reference refuses such sizes).
+        kv_block_shape: 3D key block (``chunk_3d_shape_k``), default ``block_shape``.
+        sparsity: top-k rule, keeps ``max(1, int((1 - sparsity) * nk))`` key blocks per query block; None
+            for the CDF rule alone.
+        cdf_threshold: if set, the CDF rule: keep the top blocks whose cumulated softmax block-score mass
+            stays ``<=`` the threshold (at least 1); with ``sparsity`` too, the larger of the two counts.
         backend: ``"torch"``, ``"triton"``, ``"auto"`` (triton when ``q.is_cuda``).
         return_lse: also return ``lse [B, H, Sq]`` fp32, natural log.
+        fp32_scores: pool and score in fp32 instead of q's dtype (off: the reference scores in bf16).
 
-    Block scores are mean-pooled q block . mean-pooled k block over valid tokens; selection is not
-    differentiable. Softmax scale is ``1/sqrt(D)``.
+    Block scores are mean-pooled q block . mean-pooled k block over valid tokens (``select.py``); selection
+    is not differentiable. Softmax scale is ``1/sqrt(D)``.
     """
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"expected q [B,Sq,H,D], k/v [B,Sk,H,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    kv_latent_shape = tuple(kv_latent_shape) if kv_latent_shape is not None else tuple(latent_shape)
-    qb, q_valid = blockify(q, latent_shape, block_shape)
-    kb, k_valid = blockify(k, kv_latent_shape, block_shape)
-    vb, _ = blockify(v, kv_latent_shape, block_shape)
+    latent_shape = tuple(latent_shape)
+    kv_latent_shape = tuple(kv_latent_shape) if kv_latent_shape is not None else latent_shape
+    q_block = tuple(int(b) for b in block_shape)
+    kv_block = tuple(int(b) for b in kv_block_shape) if kv_block_shape is not None else q_block
+    fine = common_block(q_block, kv_block)  # == both when the shapes agree (the published setting)
+    qb, q_valid = blockify(q, latent_shape, fine, pad_to=q_block)
+    kb, k_valid = blockify(k, kv_latent_shape, fine, pad_to=kv_block)
+    vb, _ = blockify(v, kv_latent_shape, fine, pad_to=kv_block)
     scale = 1.0 / math.sqrt(q.shape[-1])
+    pool_dtype = torch.float32 if fp32_scores else None
     with torch.no_grad():
-        kv_index, kv_count = select_blocks(pool_blocks(qb.detach(), q_valid), pool_blocks(kb.detach(), k_valid),
-                                           sparsity=sparsity, cdf_threshold=cdf_threshold, scale=scale)
+        if fine == q_block:
+            q_pooled = pool_blocks(qb.detach(), q_valid, pool_dtype)
+        else:
+            q_pooled = pool_blocks(*blockify(q.detach(), latent_shape, q_block), pool_dtype)
+        if fine == kv_block:
+            k_pooled = pool_blocks(kb.detach(), k_valid, pool_dtype)
+        else:
+            k_pooled = pool_blocks(*blockify(k.detach(), kv_latent_shape, kv_block), pool_dtype)
+        kv_index, kv_count = select_blocks(q_pooled, k_pooled, sparsity=sparsity, cdf_threshold=cdf_threshold,
+                                           scale=scale, fp32_scores=fp32_scores)
+        if fine != q_block or fine != kv_block:
+            kv_index, kv_count = refine_selection(
+                kv_index, kv_count, num_blocks(latent_shape, q_block), num_blocks(kv_latent_shape, kv_block),
+                [a // b for a, b in zip(q_block, fine)], [a // b for a, b in zip(kv_block, fine)])
     out_b, lse_b = block_attention(qb, kb, vb, q_valid, k_valid, kv_index, kv_count, scale=scale, backend=backend)
-    out = unblockify(out_b, latent_shape, block_shape).to(q.dtype)
+    out = unblockify(out_b, latent_shape, fine, pad_to=q_block).to(q.dtype)
     if not return_lse:
         return out
-    lse = unblockify(lse_b.permute(0, 2, 3, 1), latent_shape, block_shape).permute(0, 2, 1).contiguous()
+    lse = unblockify(lse_b.permute(0, 2, 3, 1), latent_shape, fine, pad_to=q_block).permute(0, 2, 1).contiguous()
     return out, lse

@@ -5,9 +5,16 @@ A latent of shape ``(T, H, W)`` is padded up to multiples of ``block_shape = (bt
 (tb, hb, wb) raster order and tokens inside a block in (t, h, w) raster order. Padded tokens are zeros and
 are marked invalid in ``valid [nb, bs]``. Every block holds at least one valid token (padding per axis is
 smaller than the block).
+
+``pad_to`` (a coarser block shape whose every axis is a multiple of ``block_shape``'s) pads the latent to
+multiples of ``pad_to`` instead and cuts that into ``block_shape`` blocks: the fine blocks that tile the
+coarse ones, used when query and key block shapes differ (``select.refine_selection``). Fine blocks may
+then hold padding only.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,13 +27,21 @@ def _check_shapes(latent_shape, block_shape):
     return tuple(int(s) for s in latent_shape), tuple(int(b) for b in block_shape)
 
 
-def num_blocks(latent_shape, block_shape) -> tuple[int, int, int]:
-    """Blocks per axis: ``(ceil(T/bt), ceil(H/bh), ceil(W/bw))``."""
+def _padded(latent_shape, block_shape, pad_to):
+    """The padded latent: multiples of ``pad_to`` (default ``block_shape``), checked to tile by ``block_shape``."""
+    pad_to = block_shape if pad_to is None else tuple(int(p) for p in pad_to)
+    if len(pad_to) != 3 or any(p % b for p, b in zip(pad_to, block_shape)):
+        raise ValueError(f"pad_to {pad_to} must be a multiple of block_shape {block_shape} on every axis")
+    return tuple(-(-s // p) * p for s, p in zip(latent_shape, pad_to))
+
+
+def num_blocks(latent_shape, block_shape, pad_to=None) -> tuple[int, int, int]:
+    """Blocks per axis: ``(ceil(T/bt), ceil(H/bh), ceil(W/bw))`` (of the latent padded to ``pad_to``)."""
     latent_shape, block_shape = _check_shapes(latent_shape, block_shape)
-    return tuple(-(-s // b) for s, b in zip(latent_shape, block_shape))
+    return tuple(p // b for p, b in zip(_padded(latent_shape, block_shape, pad_to), block_shape))
 
 
-def block_valid_mask(latent_shape, block_shape, device=None, valid_shape=None) -> torch.Tensor:
+def block_valid_mask(latent_shape, block_shape, device=None, valid_shape=None, pad_to=None) -> torch.Tensor:
     """``[nb, bs]`` bool: True where the block slot holds a real (non-padded) token.
 
     ``valid_shape`` (default ``latent_shape``) marks only its leading ``(t, h, w)`` corner of the latent as
@@ -34,7 +49,7 @@ def block_valid_mask(latent_shape, block_shape, device=None, valid_shape=None) -
     Blocks may then hold no real token at all."""
     latent_shape, block_shape = _check_shapes(latent_shape, block_shape)
     limits = latent_shape if valid_shape is None else tuple(min(int(v), s) for v, s in zip(valid_shape, latent_shape))
-    nt, nh, nw = num_blocks(latent_shape, block_shape)
+    nt, nh, nw = num_blocks(latent_shape, block_shape, pad_to)
     bt, bh, bw = block_shape
     axes = []
     for n, b, s in zip((nt, nh, nw), block_shape, limits):
@@ -44,11 +59,11 @@ def block_valid_mask(latent_shape, block_shape, device=None, valid_shape=None) -
     return valid.reshape(nt * nh * nw, bt * bh * bw)
 
 
-def blockify(x: torch.Tensor, latent_shape, block_shape):
+def blockify(x: torch.Tensor, latent_shape, block_shape, pad_to=None):
     """Reorder raster tokens into 3D blocks.
 
     ``x [B, S, *rest]`` with ``S = T*H*W`` in T-H-W raster order -> ``(xb [B, nb, bs, *rest], valid [nb, bs])``.
-    Padded slots are zeros. ``rest`` is usually ``(heads, head_dim)``.
+    Padded slots are zeros. ``rest`` is usually ``(heads, head_dim)``. ``pad_to``: see the module docstring.
     """
     latent_shape, block_shape = _check_shapes(latent_shape, block_shape)
     T, H, W = latent_shape
@@ -57,7 +72,7 @@ def blockify(x: torch.Tensor, latent_shape, block_shape):
     rest = tuple(x.shape[2:])
     if S != T * H * W:
         raise ValueError(f"sequence length {S} != prod(latent_shape {latent_shape}) = {T * H * W}")
-    nt, nh, nw = num_blocks(latent_shape, block_shape)
+    nt, nh, nw = num_blocks(latent_shape, block_shape, pad_to)
     xg = x.reshape(B, T, H, W, *rest)
     pt, ph, pw = nt * bt - T, nh * bh - H, nw * bw - W
     if pt or ph or pw:
@@ -66,7 +81,7 @@ def blockify(x: torch.Tensor, latent_shape, block_shape):
     nr = len(rest)
     perm = (0, 1, 3, 5, 2, 4, 6) + tuple(range(7, 7 + nr))
     xb = xg.permute(perm).reshape(B, nt * nh * nw, bt * bh * bw, *rest)
-    return xb, block_valid_mask(latent_shape, block_shape, device=x.device)
+    return xb, block_valid_mask(latent_shape, block_shape, device=x.device, pad_to=pad_to)
 
 
 def _pad_thw(xg: torch.Tensor, Tp: int, Hp: int, Wp: int) -> torch.Tensor:
@@ -76,12 +91,12 @@ def _pad_thw(xg: torch.Tensor, Tp: int, Hp: int, Wp: int) -> torch.Tensor:
     return out
 
 
-def unblockify(xb: torch.Tensor, latent_shape, block_shape) -> torch.Tensor:
+def unblockify(xb: torch.Tensor, latent_shape, block_shape, pad_to=None) -> torch.Tensor:
     """Inverse of :func:`blockify`: ``xb [B, nb, bs, *rest]`` -> ``[B, S, *rest]``; padded slots are dropped."""
     latent_shape, block_shape = _check_shapes(latent_shape, block_shape)
     T, H, W = latent_shape
     bt, bh, bw = block_shape
-    nt, nh, nw = num_blocks(latent_shape, block_shape)
+    nt, nh, nw = num_blocks(latent_shape, block_shape, pad_to)
     B, nb, bs = xb.shape[:3]
     rest = tuple(xb.shape[3:])
     if nb != nt * nh * nw or bs != bt * bh * bw:
@@ -94,10 +109,21 @@ def unblockify(xb: torch.Tensor, latent_shape, block_shape) -> torch.Tensor:
     return xg.reshape(B, T * H * W, *rest)
 
 
-def pool_blocks(xb: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid tokens of each block: ``xb [B, nb, bs, H, D]`` -> ``[B, H, nb, D]`` fp32."""
-    w = valid.to(device=xb.device, dtype=torch.float32)
-    w = w / w.sum(dim=1, keepdim=True).clamp_min(1.0)
-    with torch.autocast(xb.device.type, enabled=False):  # keep the pooling in fp32 under autocast
-        return torch.einsum("bnshd,ns->bhnd", xb.float(), w)
+def pool_blocks(xb: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean over the valid tokens of each block: ``xb [B, nb, bs, H, D]`` -> ``[B, H, nb, D]``.
 
+    Summed in fp32 and divided by the count of valid tokens, then rounded once to ``dtype`` (default
+    ``xb``'s dtype, as the reference pools in the input dtype; pass ``torch.float32`` to keep fp32). Blocks
+    with no valid token pool to 0."""
+    w = valid.to(device=xb.device, dtype=torch.float32)
+    n = w.sum(dim=1).clamp_min(1.0)
+    with torch.autocast(xb.device.type, enabled=False):  # fp32 accumulation under autocast too
+        pooled = torch.einsum("bnshd,ns->bhnd", xb.float(), w) / n[:, None]
+    return pooled.to(xb.dtype if dtype is None else dtype)
+
+
+
+def common_block(q_block, kv_block) -> tuple[int, int, int]:
+    """The largest block shape tiling both ``q_block`` and ``kv_block`` (per-axis gcd): what attention runs
+    on when query and key block shapes differ."""
+    return tuple(math.gcd(int(a), int(b)) for a, b in zip(q_block, kv_block))

@@ -77,20 +77,72 @@ def reference_attention(q, k, v, token_mask, scale=None):
     return out, lse
 
 
-def reference_bsa(q, k, v, latent_shape, kv_latent_shape, block_shape, kv_index, kv_count):
-    nk = math.prod(-(-s // b) for s, b in zip(kv_latent_shape, block_shape))
-    M = dense_block_mask(kv_index.cpu(), kv_count.cpu(), nk)
+def reference_bsa(q, k, v, latent_shape, kv_latent_shape, block_shape, block_mask, kv_block_shape=None):
+    """Dense masked attention where query token i sees key token j iff ``block_mask`` selects j's block for
+    i's block (blocks from raster coordinates; ``kv_block_shape`` for the keys, default ``block_shape``)."""
     qid = raster_block_ids(latent_shape, block_shape)
-    kid = raster_block_ids(kv_latent_shape, block_shape)
-    token_mask = M[:, :, qid][:, :, :, kid].to(q.device)
+    kid = raster_block_ids(kv_latent_shape, kv_block_shape or block_shape)
+    token_mask = block_mask.cpu()[:, :, qid][:, :, :, kid].to(q.device)
     return reference_attention(q, k, v, token_mask)
 
 
-def selection(q, k, latent_shape, kv_latent_shape, block_shape, sparsity=0.9375, cdf_threshold=None):
+def reference_count(sparsity, nk):
+    """LongCat's top-k count, ``int((1 - s) * nk)`` in Python float arithmetic (floor), floored at 1."""
+    return max(1, int((1 - sparsity) * nk))
+
+
+def reference_pooled(x, latent_shape, block_shape, dtype):
+    """``x [B, S, H, D]`` -> ``[B, H, nb, D]``: fp32 mean of each block's real tokens (raster coordinates),
+    rounded once to ``dtype``."""
+    ids = raster_block_ids(latent_shape, block_shape)
+    means = [x[:, ids == j].float().sum(1) / int((ids == j).sum()) for j in range(int(ids.max()) + 1)]
+    return torch.stack(means, 2).to(dtype)
+
+
+def reference_selection(q, k, latent_shape, kv_latent_shape, block_shape, sparsity=0.9375, cdf_threshold=None,
+                        kv_block_shape=None, fp32=False):
+    """LongCat's block selection restated without the package: ``[B, H, nq, nk]`` bool block mask.
+
+    Pool and score in the input dtype (fp32 when ``fp32``); top-k count ``reference_count``; CDF rule: sort
+    ``softmax(score / sqrt(D))`` descending, cumulate, keep the blocks whose running mass is <= the
+    threshold (searchsorted right=True against an fp32 threshold); both rules: the larger count; >= 1."""
+    dtype = torch.float32 if fp32 else q.dtype
+    qp = reference_pooled(q, latent_shape, block_shape, dtype)
+    kp = reference_pooled(k, kv_latent_shape, kv_block_shape or block_shape, dtype)
+    scores = qp @ kp.transpose(-1, -2)
+    B, H, nq, nk = scores.shape
+    if cdf_threshold is None:
+        chosen = torch.topk(scores, reference_count(sparsity, nk)).indices
+        return torch.zeros(B, H, nq, nk, dtype=torch.bool).scatter_(-1, chosen, True)
+    ranked = torch.sort(torch.softmax(scores * (1 / math.sqrt(q.shape[-1])), -1), -1, descending=True)
+    cdf = torch.cumsum(ranked.values, -1)
+    count = torch.searchsorted(cdf, torch.full((B, H, nq, 1), cdf_threshold), right=True)[..., 0]
+    if sparsity is not None:
+        count = count.clamp_min(reference_count(sparsity, nk))
+    keep = torch.arange(nk) < count.clamp_min(1)[..., None]
+    return torch.zeros(B, H, nq, nk, dtype=torch.bool).scatter_(-1, ranked.indices, keep)
+
+
+def selection_mask(kv_index, kv_count, nk):
+    """The package's ``(kv_index, kv_count)`` as a ``[B, H, nq, nk]`` bool mask (checking the format)."""
+    K = kv_index.shape[-1]
+    used = torch.arange(K) < kv_count[..., None].long()
+    ids = kv_index.long()
+    assert (ids[used] >= 0).all() and (ids[~used] == -1).all()
+    assert (ids.diff(dim=-1)[used[..., 1:]] > 0).all()  # ascending, distinct
+    return torch.zeros(*kv_index.shape[:3], nk + 1, dtype=torch.bool).scatter_(
+        -1, torch.where(used, ids, nk), True)[..., :nk]
+
+
+def package_selection(q, k, latent_shape, kv_latent_shape, block_shape, sparsity=0.9375, cdf_threshold=None,
+                      fp32=False):
+    """The code under test: blockify -> pool_blocks -> select_blocks, as a bool block mask."""
     qb, qv = blockify(q, latent_shape, block_shape)
     kb, kv = blockify(k, kv_latent_shape, block_shape)
-    return select_blocks(pool_blocks(qb, qv), pool_blocks(kb, kv), sparsity=sparsity,
-                         cdf_threshold=cdf_threshold, scale=1.0 / math.sqrt(q.shape[-1]))
+    dtype = torch.float32 if fp32 else None
+    idx, cnt = select_blocks(pool_blocks(qb, qv, dtype), pool_blocks(kb, kv, dtype), sparsity=sparsity,
+                             cdf_threshold=cdf_threshold, scale=1.0 / math.sqrt(q.shape[-1]), fp32_scores=fp32)
+    return selection_mask(idx, cnt, kb.shape[1])
 
 
 def rel_err(a, b):
@@ -109,7 +161,7 @@ def run_and_compare(backend, device, dtype, latent_shape, kv_latent_shape, block
                     cdf_threshold=None, B=1, H=2, D=16, tol=5e-4, out_tol=3e-4, lse_tol=3e-4):
     Sq, Sk = math.prod(latent_shape), math.prod(kv_latent_shape)
     q, k, v = make_inputs(B, Sq, Sk, H, D, mult, dtype, device)
-    idx, cnt = selection(q, k, latent_shape, kv_latent_shape, block_shape, sparsity, cdf_threshold)
+    mask = reference_selection(q, k, latent_shape, kv_latent_shape, block_shape, sparsity, cdf_threshold)
     qa, ka, va = (t.clone().requires_grad_() for t in (q, k, v))
     out, lse = block_sparse_attention(qa, ka, va, latent_shape, kv_latent_shape, block_shape, sparsity=sparsity,
                                       cdf_threshold=cdf_threshold, backend=backend, return_lse=True)
@@ -120,7 +172,7 @@ def run_and_compare(backend, device, dtype, latent_shape, kv_latent_shape, block
     ((out.float() * dout).sum() + (lse * dlse).sum()).backward()
 
     qr, kr, vr = (t.float().clone().requires_grad_() for t in (q, k, v))
-    out_r, lse_r = reference_bsa(qr, kr, vr, latent_shape, kv_latent_shape, block_shape, idx, cnt)
+    out_r, lse_r = reference_bsa(qr, kr, vr, latent_shape, kv_latent_shape, block_shape, mask)
     ((out_r * dout).sum() + (lse_r * dlse).sum()).backward()
 
     torch.testing.assert_close(out.float(), out_r, atol=out_tol, rtol=out_tol)
@@ -167,72 +219,83 @@ def test_pool_blocks_is_mean_over_valid_tokens():
 # Selection
 # ----------------------------------------------------------------------------------------------------
 
-def test_topk_count_rounding_never_zero():
-    assert topk_count(0.9375, 16) == 1
-    assert topk_count(0.9375, 15) == 1
-    assert topk_count(0.9375, 17) == 2  # ceil(1.0625)
-    assert topk_count(0.9375, 585) == 37  # 480p latent, 24x30x52 / 4^3 blocks
-    assert topk_count(0.95, 10) == 1  # int((1-s)*n) would be 0
-    assert topk_count(0.9, 10) == 1  # (1-0.9)*10 = 0.99999... must not become 2 or 0
-    assert topk_count(1.0, 7) == 1
-    assert topk_count(0.0, 7) == 7
+@pytest.mark.parametrize("nk,sparsity,expect", [
+    (1320, 0.9375, 82), (1540, 0.9375, 96), (40, 0.9375, 2),  # shapes of issue 16; a ceil rule keeps 83, 97, 3
+    (16, 0.9375, 1), (17, 0.9375, 1), (585, 0.9375, 36),
+    (100, 0.9, 9),  # (1 - 0.9) * 100 = 9.999999999999998 in Python floats
+    (10, 0.8, 1),  # 1.9999999999999996
+    (10, 0.95, 1), (15, 0.9375, 1),  # the reference's floor is 0 here (it outputs zeros); we keep 1 block
+    (7, 1.0, 1), (7, 0.0, 7)])
+def test_topk_count_is_longcats_floor(nk, sparsity, expect):
+    """Catches a ceil or round-to-nearest count, and a count of 0 (issue 16, item 1)."""
+    assert topk_count(sparsity, nk) == expect
+
+
+def test_topk_count_sweep_matches_python_float_formula():
+    for s in (0.9375, 0.9, 0.875, 0.8, 0.75, 0.6, 0.5, 0.3, 0.1):
+        for nk in range(1, 2049):
+            assert topk_count(s, nk) == reference_count(s, nk), (s, nk)
     with pytest.raises(ValueError):
         topk_count(1.5, 4)
 
 
-def _pooled_scores_by_loop(q, k, latent, kv_latent, block):
-    """Dense pooled block scores computed from raster coordinates (independent of blockify/pool)."""
-    qid, kid = raster_block_ids(latent, block), raster_block_ids(kv_latent, block)
-    qp = torch.stack([q[:, qid == j].float().mean(1) for j in range(int(qid.max()) + 1)], 2)  # [B, H, nq, D]
-    kp = torch.stack([k[:, kid == j].float().mean(1) for j in range(int(kid.max()) + 1)], 2)
-    return torch.einsum("bhid,bhjd->bhij", qp, kp)
-
-
-@pytest.mark.parametrize("sparsity", [0.9375, 0.7, 0.0, 1.0])
-def test_topk_selection_matches_full_sort(sparsity):
+@pytest.mark.parametrize("sparsity,cdf", [(0.9375, None), (0.7, None), (0.0, None), (1.0, None), (None, 0.3),
+                                          (None, 0.9), (0.75, 0.5), (0.5, 0.95), (0.9, 0.4)])
+def test_selection_matches_reference(sparsity, cdf):
+    """The package's selection equals the independent restatement, top-k, CDF and both (fp32 inputs)."""
     latent, kv_latent, block = (6, 5, 7), (9, 5, 7), (2, 2, 2)
-    q, k, _ = make_inputs(2, math.prod(latent), math.prod(kv_latent), 3, 8, 1.0, torch.float32, "cpu")
-    idx, cnt = selection(q, k, latent, kv_latent, block, sparsity)
-    scores = _pooled_scores_by_loop(q, k, latent, kv_latent, block)
-    nk = scores.shape[-1]
-    kk = topk_count(sparsity, nk)
-    assert (cnt == kk).all() and idx.dtype == torch.int32 and cnt.dtype == torch.int32
-    order = torch.argsort(scores, dim=-1, descending=True)[..., :kk]
-    expect = torch.sort(order, dim=-1).values
-    assert torch.equal(idx.long(), expect)
+    q, k, _ = make_inputs(2, math.prod(latent), math.prod(kv_latent), 3, 8, 3.0, torch.float32, "cpu")
+    got = package_selection(q, k, latent, kv_latent, block, sparsity, cdf)
+    assert torch.equal(got, reference_selection(q, k, latent, kv_latent, block, sparsity, cdf))
 
 
-@pytest.mark.parametrize("threshold", [0.3, 0.8, 0.99, 1.0])
-def test_cdf_selection_matches_cumulative_sum(threshold):
-    latent, block = (4, 6, 6), (2, 2, 2)
-    q, k, _ = make_inputs(1, math.prod(latent), math.prod(latent), 2, 8, 3.0, torch.float32, "cpu")
-    idx, cnt = selection(q, k, latent, latent, block, cdf_threshold=threshold)
-    scores = _pooled_scores_by_loop(q, k, latent, latent, block) / math.sqrt(8)
-    B, H, nq, nk = scores.shape
-    for b in range(B):
-        for h in range(H):
-            for i in range(nq):
-                probs = torch.softmax(scores[b, h, i].double(), 0).tolist()
-                ranked = sorted(range(nk), key=lambda j: -probs[j])
-                chosen, mass = [], 0.0
-                for j in ranked:  # add blocks until the mass reaches the threshold
-                    chosen.append(j)
-                    mass += probs[j]
-                    if mass >= threshold - 1e-6:
-                        break
-                c = int(cnt[b, h, i])
-                got = idx[b, h, i, :c].tolist()
-                assert got == sorted(got) and (idx[b, h, i, c:] == -1).all()
-                assert set(got) == set(chosen), (b, h, i, got, chosen)
+def _pooled(rows):
+    return torch.tensor(rows, dtype=torch.float32)[None, None]  # [1, 1, n, D]
 
 
-def test_cdf_keeps_at_least_one_block():
-    latent, block = (4, 4, 4), (2, 2, 2)
-    q, k, _ = make_inputs(1, 64, 64, 2, 8, 1.0, torch.float32, "cpu")
-    idx, cnt = selection(q, k, latent, latent, block, cdf_threshold=1e-9)
-    assert (cnt == 1).all() and idx.shape[-1] == 1
-    scores = _pooled_scores_by_loop(q, k, latent, latent, block)
-    assert torch.equal(idx[..., 0].long(), scores.argmax(-1))
+def test_cdf_rule_flat_scores_keeps_blocks_up_to_the_threshold():
+    """Uniform mass 1/8 per block: the running mass is 0.125, 0.25, ...; blocks with mass <= 0.55 are the
+    first 4 (a 'smallest set reaching the threshold' rule keeps 5). Catches issue 16, item 2."""
+    q, k = _pooled([[0.0, 0.0]]), _pooled([[1.0, 0.0]] * 8)
+    for threshold, expect in ((0.55, 4), (0.5, 4), (0.1, 1), (0.9, 7), (1.0, 8)):
+        idx, cnt = select_blocks(q, k, sparsity=None, cdf_threshold=threshold)
+        assert cnt.item() == expect, threshold
+    # with sparsity too, the larger of the two counts (a rule ignoring sparsity keeps 2)
+    assert select_blocks(q, k, sparsity=0.5, cdf_threshold=0.25)[1].item() == 4
+    assert select_blocks(q, k, sparsity=0.875, cdf_threshold=0.55)[1].item() == 4
+
+
+def test_cdf_rule_peaked_scores():
+    """One block holds almost all the mass: the reference's count is 0 below that mass; we keep that block."""
+    q = _pooled([[1.0, 0.0]])
+    k = _pooled([[0.0, 0.0]] * 3 + [[40.0, 0.0]] + [[0.0, 0.0]] * 4)
+    idx, cnt = select_blocks(q, k, sparsity=None, cdf_threshold=0.5)
+    assert cnt.item() == 1 and idx[0, 0, 0, 0].item() == 3
+    idx, cnt = select_blocks(q, k, sparsity=0.75, cdf_threshold=0.5)  # top-k count 2 wins
+    assert cnt.item() == 2 and 3 in idx[0, 0, 0].tolist()
+    with pytest.raises(ValueError, match="sparsity, cdf_threshold"):
+        select_blocks(q, k, sparsity=None, cdf_threshold=None)
+
+
+def test_bf16_selection_pools_and_scores_in_bf16():
+    """On bf16 inputs the default pools and scores in bf16, as the reference does (issue 16, item 3);
+    ``fp32_scores`` is the fp32 rule, and on these inputs the two choose differently, so a test of the
+    default that scored in fp32 would fail."""
+    latent, block = (8, 16, 16), (2, 4, 4)
+    S = math.prod(latent)
+    q, k, v = make_inputs(1, S, S, 4, 32, 1.0, torch.bfloat16, "cpu")
+    got = package_selection(q, k, latent, latent, block, 0.75)
+    assert torch.equal(got, reference_selection(q, k, latent, latent, block, 0.75))
+    got32 = package_selection(q, k, latent, latent, block, 0.75, fp32=True)
+    assert torch.equal(got32, reference_selection(q, k, latent, latent, block, 0.75, fp32=True))
+    assert not torch.equal(got, got32)
+    got = package_selection(q, k, latent, latent, block, 0.75, cdf_threshold=0.3)
+    assert torch.equal(got, reference_selection(q, k, latent, latent, block, 0.75, 0.3))
+    # and through the public entry point: the output is the attention over the bf16 choice
+    out = block_sparse_attention(q, k, v, latent, block_shape=block, sparsity=0.75, backend="torch")
+    ref, _ = reference_bsa(q.float(), k.float(), v.float(), latent, latent, block,
+                           reference_selection(q, k, latent, latent, block, 0.75))
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 # ----------------------------------------------------------------------------------------------------
