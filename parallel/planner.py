@@ -98,7 +98,7 @@ def forward_flops(model_cfg, grid, text_len: int) -> float:
     n = grid[0] * grid[1] * grid[2]
     attn_frac = 1.0
     if getattr(model_cfg, "attention", "dense") == "bsa" and grid[0] > 1:
-        attn_frac = 1.0 - model_cfg.bsa.sparsity
+        attn_frac = 1.0 - model_cfg.bsa.sparsity if model_cfg.bsa.sparsity is not None else 1.0
     per_block = (2 * n * (6 * D * D + 3 * D * F) + 2 * text_len * 2 * D * D
                  + 4 * n * n * D * attn_frac + 4 * n * text_len * D)
     patch = math.prod(model_cfg.patch_size)
@@ -217,7 +217,8 @@ def plan(model_cfg, pcfg, world_size: int, bucket, batch: int = 1, text_len: int
     if dims.cp > 1:
         from parallel.context_parallel.layout import choose_layout, tile_unit
 
-        unit = tile_unit(model_cfg.attention, pcfg.cp_mode, model_cfg.bsa.chunk_3d_shape_q)
+        unit = tile_unit(model_cfg.attention, pcfg.cp_mode, model_cfg.bsa.chunk_3d_shape_q,
+                         model_cfg.bsa.chunk_3d_shape_k)
         cp_layout = choose_layout(grid[1], grid[2], dims.cp, unit, pcfg.cp_split_hw)
         sharded_tokens = grid[0] * cp_layout.padded[0] * cp_layout.padded[1]
     shards = shards or real_sharding(model_cfg, pcfg, world_size)

@@ -8,7 +8,7 @@ High level::
 
 Lower level (what ring / context-parallel attention composes):
 :func:`blockify` / :func:`unblockify` (raster <-> 3D blocks), :func:`pool_blocks` (mean over valid tokens),
-:func:`select_blocks` (top-k or CDF rule), :func:`block_attention` (exact attention over listed key blocks,
+:func:`select_blocks` (LongCat's top-k / CDF rule; see ``select.py``), :func:`block_attention` (exact attention over listed key blocks,
 returns out and lse, differentiable through both, handles ``kv_count == 0``), :func:`local_selection`
 (restrict a global selection to the key blocks one rank holds).
 
@@ -32,8 +32,8 @@ backward kernels, imported lazily so ``import kernels.bsa`` never imports triton
 """
 
 from .api import block_attention, block_sparse_attention
-from .layout import block_valid_mask, blockify, num_blocks, pool_blocks, unblockify
-from .select import local_selection, select_blocks, topk_count
+from .layout import block_valid_mask, blockify, common_block, num_blocks, pool_blocks, unblockify
+from .select import local_selection, refine_selection, select_blocks, topk_count
 
 __all__ = [
     "block_sparse_attention",
@@ -43,6 +43,8 @@ __all__ = [
     "pool_blocks",
     "select_blocks",
     "local_selection",
+    "refine_selection",
+    "common_block",
     "topk_count",
     "num_blocks",
     "block_valid_mask",

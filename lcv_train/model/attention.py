@@ -13,7 +13,10 @@ along T stays local on every rank.
 Grids passed to ``self_attention`` are the *full* (T, H, W) token grids of the queries and keys; the
 tokens are this process's part of them (all of them by default), in T-H-W raster order of that part. For
 the noisy-queries call, the key grid starts ``kv_grid[0] - q_grid[0]`` frames earlier than the query grid
-(the condition frames).
+(the condition frames). ``clip_frames`` is the number of latent frames of the clip the model is running:
+the ``latents`` passed to ``forward`` (with a condition cache, the noisy frames only; while encoding the
+condition, the condition frames). Block-sparse attention decides dense-or-sparse from it alone
+(:func:`uses_block_sparse`), as the published LongCat model does.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ class AttentionOp:
         (T, H, W) token grid."""
         return x
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_grid: Grid, kv_grid: Grid
-                       ) -> torch.Tensor:
-        """Video self-attention: ``q [B, Sq, H, D]`` over ``k, v [B, Sk, H, D]`` (RoPE already applied)."""
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_grid: Grid, kv_grid: Grid,
+                       clip_frames: int | None = None) -> torch.Tensor:
+        """Video self-attention: ``q [B, Sq, H, D]`` over ``k, v [B, Sk, H, D]`` (RoPE already applied);
+        ``clip_frames`` as in the module docstring (None: ``kv_grid[0]``)."""
         return dense_attention(q, k, v)
 
     def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -51,31 +55,48 @@ class AttentionOp:
         return dense_attention(q, k, v, key_mask=key_mask)
 
 
+def uses_block_sparse(clip_frames: int | None, kv_grid: Grid) -> bool:
+    """The published model's rule: block-sparse attention unless the clip has a single latent frame
+    (images). Decided from the clip alone, never from one call's query or key grid: with a condition cache
+    and one noisy frame the attention is dense; without a cache, a one-frame condition inside a longer clip
+    is block-sparse. ``clip_frames=None`` (direct callers): ``kv_grid[0]``."""
+    return (kv_grid[0] if clip_frames is None else int(clip_frames)) > 1
+
+
 class BlockSparseAttentionOp(AttentionOp):
-    """3D block-sparse attention (SPEC section 5) on video tokens; dense when the clip has one frame."""
+    """3D block-sparse attention (SPEC section 5) on video tokens; dense when the clip has one frame.
+
+    ``block_shape`` / ``kv_block_shape``: the query / key blocks (``chunk_3d_shape_q`` / ``_k``; keys default
+    to the query shape); ``sparsity``, ``cdf_threshold``, ``fp32_scores``: the selection rule
+    (``kernels/bsa/select.py``); ``backend``: ``kernels.bsa``'s."""
 
     name = "bsa"
 
-    def __init__(self, sparsity: float = 0.9375, block_shape: Grid = (4, 4, 4), cdf_threshold: float | None = None,
-                 backend: str = "auto"):
+    def __init__(self, sparsity: float | None = 0.9375, block_shape: Grid = (4, 4, 4),
+                 cdf_threshold: float | None = None, backend: str = "auto", kv_block_shape: Grid | None = None,
+                 fp32_scores: bool = False):
         self.sparsity = sparsity
         self.block_shape = tuple(block_shape)
+        self.kv_block_shape = tuple(kv_block_shape) if kv_block_shape is not None else self.block_shape
         self.cdf_threshold = cdf_threshold
         self.backend = backend
+        self.fp32_scores = fp32_scores
 
-    def self_attention(self, q, k, v, q_grid, kv_grid):
-        if q_grid[0] <= 1 and kv_grid[0] <= 1:
+    def self_attention(self, q, k, v, q_grid, kv_grid, clip_frames=None):
+        if not uses_block_sparse(clip_frames, kv_grid):
             return dense_attention(q, k, v)
         from kernels.bsa import block_sparse_attention
 
         return block_sparse_attention(q, k, v, latent_shape=q_grid, kv_latent_shape=kv_grid,
-                                      block_shape=self.block_shape, sparsity=self.sparsity,
-                                      cdf_threshold=self.cdf_threshold, backend=self.backend)
+                                      block_shape=self.block_shape, kv_block_shape=self.kv_block_shape,
+                                      sparsity=self.sparsity, cdf_threshold=self.cdf_threshold,
+                                      backend=self.backend, fp32_scores=self.fp32_scores)
 
 
 def build_attention_op(cfg) -> AttentionOp:
     """The operator a ``DiTConfig`` asks for."""
     if cfg.attention == "bsa":
         return BlockSparseAttentionOp(cfg.bsa.sparsity, tuple(cfg.bsa.chunk_3d_shape_q), cfg.bsa.cdf_threshold,
-                                      cfg.bsa.backend)
+                                      cfg.bsa.backend, kv_block_shape=tuple(cfg.bsa.chunk_3d_shape_k),
+                                      fp32_scores=cfg.bsa.fp32_scores)
     return AttentionOp()

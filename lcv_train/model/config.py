@@ -15,15 +15,25 @@ from typing import Any
 from lcv_train.errors import ConfigError, require
 
 
+# The keys of the published ``dit/config.json``'s ``bsa_params`` (the reference passes them as keyword
+# arguments to its kernel); every one is read and used.
+BSA_PARAMS_KEYS = ("sparsity", "cdf_threshold", "chunk_3d_shape_q", "chunk_3d_shape_k")
+
+
 @dataclass
 class BSAConfig:
-    """Block-sparse attention settings (SPEC section 5)."""
+    """Block-sparse attention settings (SPEC section 5; selection rule in ``kernels/bsa/select.py``).
 
-    sparsity: float = 0.9375
+    ``sparsity`` (top-k rule; None for the CDF rule alone), ``cdf_threshold`` (CDF rule; with sparsity too,
+    the larger count), query and key block shapes: as the published ``bsa_params``. ``fp32_scores`` pools
+    and scores in fp32 instead of the input dtype (off: the published kernel scores in bf16)."""
+
+    sparsity: float | None = 0.9375
     chunk_3d_shape_q: tuple[int, int, int] = (4, 4, 4)
     chunk_3d_shape_k: tuple[int, int, int] = (4, 4, 4)
     cdf_threshold: float | None = None
     backend: str = "auto"
+    fp32_scores: bool = False
 
 
 @dataclass
@@ -80,9 +90,17 @@ class DiTConfig:
              f"must be three positive integers, got {self.patch_size}")
         require(int(self.patch_size[0]) == 1, f"{prefix}.patch_size", "the temporal patch must be 1 (SPEC section 1)")
         require(self.attention in ("dense", "bsa"), f"{prefix}.attention", f"must be 'dense' or 'bsa', got {self.attention!r}")
-        require(0.0 <= self.bsa.sparsity < 1.0, f"{prefix}.bsa.sparsity", f"must be in [0, 1), got {self.bsa.sparsity}")
+        require(self.bsa.sparsity is None or 0.0 <= self.bsa.sparsity < 1.0, f"{prefix}.bsa.sparsity",
+             f"must be in [0, 1) or null, got {self.bsa.sparsity}")
         require(self.bsa.cdf_threshold is None or 0.0 < self.bsa.cdf_threshold <= 1.0, f"{prefix}.bsa.cdf_threshold",
              f"must be in (0, 1] or null, got {self.bsa.cdf_threshold}")
+        require(self.bsa.sparsity is not None or self.bsa.cdf_threshold is not None, f"{prefix}.bsa.sparsity",
+             "sparsity and cdf_threshold are both null; set at least one")
+        for key in ("chunk_3d_shape_q", "chunk_3d_shape_k"):
+            shape = getattr(self.bsa, key)
+            require(len(shape) == 3 and all(int(b) > 0 for b in shape), f"{prefix}.bsa.{key}",
+                 f"must be three positive integers (t, h, w), got {shape}")
+            setattr(self.bsa, key, tuple(int(b) for b in shape))
         require(self.bsa.backend in ("auto", "torch", "triton"), f"{prefix}.bsa.backend",
              f"must be auto|torch|triton, got {self.bsa.backend!r}")
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -92,7 +110,8 @@ class DiTConfig:
     # -- (de)serialisation in the published config.json format ---------------------------------
     def to_json_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["bsa_params"] = {"sparsity": self.bsa.sparsity, "chunk_3d_shape_q": list(self.bsa.chunk_3d_shape_q),
+        d["bsa_params"] = {"sparsity": self.bsa.sparsity, "cdf_threshold": self.bsa.cdf_threshold,
+                           "chunk_3d_shape_q": list(self.bsa.chunk_3d_shape_q),
                            "chunk_3d_shape_k": list(self.bsa.chunk_3d_shape_k)}
         d["patch_size"] = list(self.patch_size)
         d["enable_bsa"] = self.attention == "bsa"
@@ -107,7 +126,12 @@ class DiTConfig:
             bsa = BSAConfig(**{k: v for k, v in d["bsa"].items() if k in {f.name for f in dataclasses.fields(BSAConfig)}})
         if isinstance(d.get("bsa_params"), dict):
             p = d["bsa_params"]
+            unknown = sorted(set(p) - set(BSA_PARAMS_KEYS))
+            if unknown:
+                raise ConfigError(f"bsa_params: unknown key(s) {unknown}; the published kernel takes only "
+                                  f"{list(BSA_PARAMS_KEYS)}")
             bsa.sparsity = p.get("sparsity", bsa.sparsity)
+            bsa.cdf_threshold = p.get("cdf_threshold", bsa.cdf_threshold)
             bsa.chunk_3d_shape_q = tuple(p.get("chunk_3d_shape_q", bsa.chunk_3d_shape_q))
             bsa.chunk_3d_shape_k = tuple(p.get("chunk_3d_shape_k", bsa.chunk_3d_shape_k))
         kwargs["bsa"] = bsa

@@ -124,16 +124,16 @@ class SelfAttention(nn.Module):
             q = apply_rope(q, cos[Tc:], sin[Tc:])
             k = torch.cat([apply_rope(cache.k, cos[:Tc], sin[:Tc]), apply_rope(k, cos[Tc:], sin[Tc:])], dim=1)
             v = torch.cat([cache.v, v], dim=1)
-            out = op.self_attention(q, k, v, grid, (Tc + grid[0], grid[1], grid[2]))
+            out = op.self_attention(q, k, v, grid, (Tc + grid[0], grid[1], grid[2]), clip_frames=T)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if num_cond == 0 or num_cond == T:
-                out = op.self_attention(q, k, v, grid, grid)
+                out = op.self_attention(q, k, v, grid, grid, clip_frames=T)
             else:
                 n = num_cond * S
                 cgrid, ngrid = (num_cond, grid[1], grid[2]), (T - num_cond, grid[1], grid[2])
-                out_c = op.self_attention(q[:, :n], k[:, :n], v[:, :n], cgrid, cgrid)
-                out_n = op.self_attention(q[:, n:], k, v, ngrid, grid)
+                out_c = op.self_attention(q[:, :n], k[:, :n], v[:, :n], cgrid, cgrid, clip_frames=T)
+                out_n = op.self_attention(q[:, n:], k, v, ngrid, grid, clip_frames=T)
                 out = torch.cat([out_c, out_n], dim=1)
         return self.proj(out.reshape(B, T, S, -1))
 

@@ -19,6 +19,8 @@ patches) at cp=4 gives 4 x 1 tiles of 8 x 52; 720p (45 x 80) at cp=8 gives 4 x 2
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from lcv_train.errors import ConfigError
@@ -77,13 +79,16 @@ class ShardLayout:
                 f"padding {100 * self.padding_fraction:.1f}%")
 
 
-def tile_unit(attention: str, cp_mode: str, block_shape) -> tuple[int, int]:
-    """What every tile's height and width must be a multiple of: whole 3D blocks (``block_shape``'s H and W)
-    when block-sparse ring attention works on the tiles themselves; ``(1, 1)`` for dense attention and for
-    Ulysses, which runs the single-process operator on the gathered full grid. Images (T = 1) attend densely
-    but share the video layout, so the unit does not depend on T."""
+def tile_unit(attention: str, cp_mode: str, block_shape, kv_block_shape=None) -> tuple[int, int]:
+    """What every tile's height and width must be a multiple of: whole 3D blocks (``block_shape``'s H and W,
+    and ``kv_block_shape``'s when the key blocks differ: their lcm) when block-sparse ring attention works on
+    the tiles themselves; ``(1, 1)`` for dense attention and for Ulysses, which runs the single-process
+    operator on the gathered full grid. Images (T = 1) attend densely but share the video layout, so the
+    unit does not depend on T."""
     if attention == "bsa" and cp_mode == "ring":
-        return int(block_shape[1]), int(block_shape[2])
+        kv_block_shape = block_shape if kv_block_shape is None else kv_block_shape
+        return (math.lcm(int(block_shape[1]), int(kv_block_shape[1])),
+                math.lcm(int(block_shape[2]), int(kv_block_shape[2])))
     return 1, 1
 
 

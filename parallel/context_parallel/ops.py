@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from lcv_train.errors import ConfigError
-from lcv_train.model.attention import AttentionOp, BlockSparseAttentionOp, Grid
+from lcv_train.model.attention import AttentionOp, BlockSparseAttentionOp, Grid, uses_block_sparse
 from parallel.context_parallel.comm import all_to_all, gather_grid, group_rank, group_size, split_grid
 from parallel.context_parallel.layout import ShardLayout, choose_layout, tile_unit
 from parallel.context_parallel.ring import bsa_ring_attention, dense_ring_attention
@@ -31,8 +31,9 @@ _INNER = ("dense", "bsa")
 
 class _ContextParallelOp(AttentionOp):
     """Shared by both modes. ``group``: the cp process group (None = WORLD; one rank = plain attention).
-    ``inner``: "dense" or "bsa"; the BSA settings (``sparsity``, ``block_shape``, ``cdf_threshold``,
-    ``backend`` of ``kernels.bsa``) mean what they mean for ``BlockSparseAttentionOp``; ``dense_backend``
+    ``inner``: "dense" or "bsa"; the BSA settings (``sparsity``, ``block_shape``, ``kv_block_shape``,
+    ``cdf_threshold``, ``fp32_scores``, ``backend`` of ``kernels.bsa``) mean what they mean for
+    ``BlockSparseAttentionOp``; ``dense_backend``
     is the ``kernels.attention`` backend of the dense ring steps; ``split_hw`` fixes the ``(ch, cw)`` tiling
     (None: the least padding, per grid). ``name`` is the inner kind, as for the single-process operators;
     ``cp_mode`` is "ring" or "ulysses"."""
@@ -41,7 +42,8 @@ class _ContextParallelOp(AttentionOp):
 
     def __init__(self, group: ProcessGroup | None, inner: str = "dense", *, sparsity: float = 0.9375,
                  block_shape: Grid = (4, 4, 4), cdf_threshold: float | None = None, backend: str = "auto",
-                 dense_backend: str = "auto", split_hw=None):
+                 dense_backend: str = "auto", split_hw=None, kv_block_shape: Grid | None = None,
+                 fp32_scores: bool = False):
         if inner not in _INNER:
             raise ConfigError(f"model.attention must be one of {_INNER} under context parallelism, got {inner!r}")
         self.group = group
@@ -50,7 +52,9 @@ class _ContextParallelOp(AttentionOp):
         self.name = inner
         self.sparsity = sparsity
         self.block_shape = tuple(int(b) for b in block_shape)
+        self.kv_block_shape = tuple(int(b) for b in kv_block_shape) if kv_block_shape is not None else self.block_shape
         self.cdf_threshold = cdf_threshold
+        self.fp32_scores = fp32_scores
         self.backend = backend
         self.dense_backend = dense_backend
         self.split_hw = tuple(int(s) for s in split_hw) if split_hw is not None else None
@@ -60,7 +64,7 @@ class _ContextParallelOp(AttentionOp):
     # -- token layout ---------------------------------------------------------------------------
     def layout(self, height: int, width: int) -> ShardLayout:
         """How a full ``height x width`` token grid is tiled over the cp ranks."""
-        unit = tile_unit(self.name, self.cp_mode, self.block_shape)
+        unit = tile_unit(self.name, self.cp_mode, self.block_shape, self.kv_block_shape)
         return choose_layout(height, width, self.cp, unit, self.split_hw)
 
     def shard_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,14 +73,15 @@ class _ContextParallelOp(AttentionOp):
     def gather_tokens(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         return gather_grid(x, self.layout(grid[1], grid[2]), self.group)
 
-    def _use_bsa(self, q_grid: Grid, kv_grid: Grid) -> bool:
-        # Same rule as BlockSparseAttentionOp: block-sparse only on video (T > 1).
-        return self.name == "bsa" and not (q_grid[0] <= 1 and kv_grid[0] <= 1)
+    def _use_bsa(self, kv_grid: Grid, clip_frames: int | None) -> bool:
+        # Same rule as BlockSparseAttentionOp: block-sparse unless the clip has one frame.
+        return self.name == "bsa" and uses_block_sparse(clip_frames, kv_grid)
 
     def inner_op(self) -> AttentionOp:
         """The single-process operator this one distributes."""
         if self.name == "bsa":
-            return BlockSparseAttentionOp(self.sparsity, self.block_shape, self.cdf_threshold, self.backend)
+            return BlockSparseAttentionOp(self.sparsity, self.block_shape, self.cdf_threshold, self.backend,
+                                          self.kv_block_shape, self.fp32_scores)
         return AttentionOp()
 
     def __repr__(self) -> str:
@@ -89,11 +94,12 @@ class RingAttentionOp(_ContextParallelOp):
 
     cp_mode = "ring"
 
-    def self_attention(self, q, k, v, q_grid, kv_grid):
+    def self_attention(self, q, k, v, q_grid, kv_grid, clip_frames=None):
         layout = self.layout(q_grid[1], q_grid[2])
-        if self._use_bsa(q_grid, kv_grid):
+        if self._use_bsa(kv_grid, clip_frames):
             return bsa_ring_attention(q, k, v, q_grid, kv_grid, self.group, layout, self.block_shape, self.sparsity,
-                                      self.cdf_threshold, self.backend)
+                                      self.cdf_threshold, self.backend, kv_block_shape=self.kv_block_shape,
+                                      fp32_scores=self.fp32_scores)
         return dense_ring_attention(q, k, v, self.group, backend=self.dense_backend, layout=layout)
 
 
@@ -131,11 +137,11 @@ class UlyssesAttentionOp(_ContextParallelOp):
         x = x.view(B, T, ch, th, cw, tw, hh, D).permute(0, 2, 4, 1, 3, 5, 6, 7).reshape(B, self.cp * T * th * tw, hh, D)
         return all_to_all(x, 1, 2, self.group)
 
-    def self_attention(self, q, k, v, q_grid, kv_grid):
+    def self_attention(self, q, k, v, q_grid, kv_grid, clip_frames=None):
         layout = self.layout(q_grid[1], q_grid[2])
         qf = self._to_full(q, q_grid, layout)
         kf, vf = self._to_full(k, kv_grid, layout), self._to_full(v, kv_grid, layout)
-        out = self._inner.self_attention(qf, kf, vf, q_grid, kv_grid)
+        out = self._inner.self_attention(qf, kf, vf, q_grid, kv_grid, clip_frames)
         return self._to_local(out, q_grid, layout)
 
 
@@ -168,7 +174,8 @@ def make_context_parallel_op(inner_op: AttentionOp, group: ProcessGroup, mode: s
         raise ValueError(f"attention operator {inner_op!r} is already context-parallel")
     if getattr(inner_op, "name", None) == "bsa":
         return _MODES[mode](group, "bsa", sparsity=inner_op.sparsity, block_shape=inner_op.block_shape,
-                            cdf_threshold=inner_op.cdf_threshold, backend=inner_op.backend, split_hw=split_hw)
+                            cdf_threshold=inner_op.cdf_threshold, backend=inner_op.backend, split_hw=split_hw,
+                            kv_block_shape=inner_op.kv_block_shape, fp32_scores=inner_op.fp32_scores)
     if type(inner_op) is AttentionOp or getattr(inner_op, "name", None) == "dense":
         return _MODES[mode](group, "dense", split_hw=split_hw)
     raise ValueError(f"apply_context_parallel: unknown attention operator {inner_op!r} (name "

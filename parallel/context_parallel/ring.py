@@ -264,37 +264,41 @@ def dense_ring_attention(q, k, v, group: ProcessGroup, scale: float | None = Non
     return ring_attention(q, k, v, group, DenseStep(scale, backend, layout.tile, valid))
 
 
-def _tile_valid(frames: int, layout, rank: int, block_shape, device) -> torch.Tensor:
+def _tile_valid(frames: int, layout, rank: int, block_shape, device, pad_to=None) -> torch.Tensor:
     """``[nb, bs]`` validity of the blocks of ``rank``'s tile (``frames`` frames) of ``layout``."""
     from kernels.bsa import block_valid_mask
 
     th, tw = layout.tile
-    return block_valid_mask((frames, th, tw), block_shape, device, valid_shape=(frames,) + layout.valid(rank))
+    return block_valid_mask((frames, th, tw), block_shape, device, valid_shape=(frames,) + layout.valid(rank),
+                            pad_to=pad_to)
 
 
 @torch.no_grad()
-def _plan_bsa_steps(qb, kb, q_valid, k_valid, kv_frames, layout, block_shape, group, sparsity, cdf_threshold,
-                    scale):
+def _plan_bsa_steps(q_pooled, k_pooled, q_frames, kv_frames, layout, q_block, kv_block, fine, group, sparsity,
+                    cdf_threshold, scale, fp32_scores):
     """Select key blocks exactly as single-process BSA would on the full grid, then split the selection
     by the rank holding each key block: ``steps[s]`` lists, in the visiting shard's local block ids, the
-    blocks to attend at ring step ``s`` (the shard of rank ``(r - s) mod cp``), with its validity mask."""
-    from kernels.bsa import num_blocks, pool_blocks, select_blocks
+    blocks to attend at ring step ``s`` (the shard of rank ``(r - s) mod cp``), with its validity mask.
+
+    ``q_pooled`` / ``k_pooled``: this tile's pooled ``q_block`` / ``kv_block`` blocks (the selection's own
+    blocks). Attention runs on ``fine`` blocks (their common refinement; equal to both when they agree), so
+    the lists are given in fine block ids."""
+    from kernels.bsa import num_blocks, refine_selection, select_blocks
 
     from parallel.context_parallel.comm import all_gather_no_grad
 
     cp, r = group_size(group), group_rank(group)
     (ch, cw), (th, tw) = layout.split, layout.tile
-    B, H = qb.shape[0], qb.shape[3]
-    nt, nh, nw = num_blocks((kv_frames, th, tw), block_shape)  # key blocks of one tile
-    _, gh, gw = num_blocks((kv_frames, layout.height, layout.width), block_shape)  # of the real full grid
-    q_pooled = pool_blocks(qb, q_valid)
-    k_pooled = pool_blocks(kb, k_valid)  # [B, H, nk_tile, D]
+    B, H = q_pooled.shape[:2]
+    nt, nh, nw = num_blocks((kv_frames, th, tw), kv_block)  # key blocks of one tile
+    _, gh, gw = num_blocks((kv_frames, layout.height, layout.width), kv_block)  # of the real full grid
     D = k_pooled.shape[-1]
-    k_all = all_gather_no_grad(k_pooled, group) if cp > 1 else k_pooled[None]
+    k_all = all_gather_no_grad(k_pooled.contiguous(), group) if cp > 1 else k_pooled[None]
     # rank-major [ch, cw, B, H, nt, nh, nw, D] -> the full grid's blocks (tb, hb, wb), padding-only blocks cut
     k_all = k_all.view(ch, cw, B, H, nt, nh, nw, D).permute(2, 3, 4, 0, 5, 1, 6, 7)
     k_all = k_all.reshape(B, H, nt, ch * nh, cw * nw, D)[:, :, :, :gh, :gw].reshape(B, H, nt * gh * gw, D)
-    kv_index, kv_count = select_blocks(q_pooled, k_all, sparsity=sparsity, cdf_threshold=cdf_threshold, scale=scale)
+    kv_index, kv_count = select_blocks(q_pooled, k_all, sparsity=sparsity, cdf_threshold=cdf_threshold, scale=scale,
+                                       fp32_scores=fp32_scores)
     K = kv_index.shape[-1]
     used = torch.arange(K, device=kv_index.device) < kv_count[..., None].long()
     gid = torch.where(used, kv_index.long(), torch.zeros_like(kv_index, dtype=torch.long))
@@ -303,6 +307,7 @@ def _plan_bsa_steps(qb, kb, q_valid, k_valid, kv_frames, layout, block_shape, gr
     tb = gid // (gw * gh)
     owner = (hb // nh) * cw + wb // nw
     local = (tb * nh + hb % nh) * nw + wb % nw
+    refine = fine != tuple(q_block) or fine != tuple(kv_block)
     steps = []
     for s in range(cp):
         src = (r - s) % cp
@@ -316,41 +321,61 @@ def _plan_bsa_steps(qb, kb, q_valid, k_valid, kv_frames, layout, block_shape, gr
         order = torch.sort((~mine).to(torch.uint8), dim=-1, stable=True).indices[..., :kmax]
         idx = local.gather(-1, order)
         idx = torch.where(torch.arange(kmax, device=idx.device) < count[..., None], idx, torch.full_like(idx, -1))
-        k_valid_src = k_valid if src == r else _tile_valid(kv_frames, layout, src, block_shape, kb.device)
+        if refine:
+            idx, count = refine_selection(idx, count, num_blocks((q_frames, th, tw), q_block), (nt, nh, nw),
+                                          [a // b for a, b in zip(q_block, fine)],
+                                          [a // b for a, b in zip(kv_block, fine)])
+        k_valid_src = _tile_valid(kv_frames, layout, src, fine, q_pooled.device, pad_to=kv_block)
         steps.append((idx.to(torch.int32).contiguous(), count.to(torch.int32), k_valid_src))
     return steps
 
 
 def bsa_ring_attention(q, k, v, q_grid, kv_grid, group: ProcessGroup, layout, block_shape=(4, 4, 4),
-                       sparsity: float = 0.9375, cdf_threshold: float | None = None, backend: str = "auto"):
+                       sparsity: float | None = 0.9375, cdf_threshold: float | None = None, backend: str = "auto",
+                       kv_block_shape=None, fp32_scores: bool = False):
     """Block-sparse ring attention on tiled grids.
 
     ``q_grid`` / ``kv_grid`` are the *full* (T, H, W) grids; ``q [B, Sq, H, D]`` / ``k, v [B, Sk, H, D]``
-    are this rank's tile of every frame (``layout``, a ``ShardLayout`` whose tiles are whole 3D blocks), in
-    the tile's raster order. Pooled keys are
-    gathered from every rank, so the selection equals single-process ``block_sparse_attention`` on the full
-    grids; padding is neither pooled nor attended; each ring step attends to the selected blocks of the
-    visiting shard and results merge by log-sum-exp.
+    are this rank's tile of every frame (``layout``, a ``ShardLayout`` whose tiles are whole 3D blocks of
+    both ``block_shape`` and ``kv_block_shape``), in the tile's raster order. Pooled keys are gathered from
+    every rank, so the selection (``kernels/bsa/select.py``: global top-k / CDF rule) equals single-process
+    ``block_sparse_attention`` on the full grids; padding is neither pooled nor attended; each ring step
+    attends to the selected blocks of the visiting shard and results merge by log-sum-exp.
     """
-    from kernels.bsa import blockify, unblockify
+    from kernels.bsa import blockify, common_block, pool_blocks, unblockify
 
-    block_shape = tuple(int(b) for b in block_shape)
+    q_block = tuple(int(b) for b in block_shape)
+    kv_block = tuple(int(b) for b in kv_block_shape) if kv_block_shape is not None else q_block
+    fine = common_block(q_block, kv_block)
     cp = group_size(group)
     if tuple(q_grid[1:]) != tuple(kv_grid[1:]):
         raise ValueError(f"BSA ring attention: q grid {tuple(q_grid)} and kv grid {tuple(kv_grid)} differ in H x W")
     th, tw = layout.tile
-    if layout.cp != cp or (layout.height, layout.width) != tuple(q_grid[1:]) or th % block_shape[1] or tw % block_shape[2]:
+    if (layout.cp != cp or (layout.height, layout.width) != tuple(q_grid[1:])
+            or any(th % b[1] or tw % b[2] for b in (q_block, kv_block))):
         raise ValueError(f"BSA ring attention: layout {layout} does not tile the grid {tuple(q_grid)} over cp={cp} "
-                         f"in whole {block_shape} blocks")
+                         f"in whole {q_block} / {kv_block} blocks")
     r = group_rank(group)
     q_tile, kv_tile = (q_grid[0], th, tw), (kv_grid[0], th, tw)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    qb, _ = blockify(q, q_tile, block_shape)
-    kb, _ = blockify(k, kv_tile, block_shape)
-    vb, _ = blockify(v, kv_tile, block_shape)
-    q_valid = _tile_valid(q_grid[0], layout, r, block_shape, q.device)
-    k_valid = _tile_valid(kv_grid[0], layout, r, block_shape, k.device)
-    steps = _plan_bsa_steps(qb.detach(), kb.detach(), q_valid, k_valid, kv_grid[0], layout, block_shape, group,
-                            sparsity, cdf_threshold, scale)
+    qb, _ = blockify(q, q_tile, fine, pad_to=q_block)
+    kb, _ = blockify(k, kv_tile, fine, pad_to=kv_block)
+    vb, _ = blockify(v, kv_tile, fine, pad_to=kv_block)
+    q_valid = _tile_valid(q_grid[0], layout, r, fine, q.device, pad_to=q_block)
+    k_valid = _tile_valid(kv_grid[0], layout, r, fine, k.device, pad_to=kv_block)
+    pool_dtype = torch.float32 if fp32_scores else None
+    with torch.no_grad():  # pool the selection's own blocks (the fine ones when they are the same)
+        if fine == q_block:
+            q_pooled = pool_blocks(qb.detach(), q_valid, pool_dtype)
+        else:
+            q_pooled = pool_blocks(blockify(q.detach(), q_tile, q_block)[0],
+                                   _tile_valid(q_grid[0], layout, r, q_block, q.device), pool_dtype)
+        if fine == kv_block:
+            k_pooled = pool_blocks(kb.detach(), k_valid, pool_dtype)
+        else:
+            k_pooled = pool_blocks(blockify(k.detach(), kv_tile, kv_block)[0],
+                                   _tile_valid(kv_grid[0], layout, r, kv_block, k.device), pool_dtype)
+    steps = _plan_bsa_steps(q_pooled, k_pooled, q_grid[0], kv_grid[0], layout, q_block, kv_block, fine, group,
+                            sparsity, cdf_threshold, scale, fp32_scores)
     out_b = ring_attention(qb, kb, vb, group, BlockSparseStep(q_valid, steps, scale, backend))
-    return unblockify(out_b, q_tile, block_shape).to(q.dtype)
+    return unblockify(out_b, q_tile, fine, pad_to=q_block).to(q.dtype)

@@ -158,13 +158,15 @@ def make_inputs(B, Sq, Sk, H, D, mult, dtype, device, seed=0):
 
 
 def run_and_compare(backend, device, dtype, latent_shape, kv_latent_shape, block_shape, sparsity, mult,
-                    cdf_threshold=None, B=1, H=2, D=16, tol=5e-4, out_tol=3e-4, lse_tol=3e-4):
+                    cdf_threshold=None, B=1, H=2, D=16, tol=5e-4, out_tol=3e-4, lse_tol=3e-4, kv_block_shape=None):
     Sq, Sk = math.prod(latent_shape), math.prod(kv_latent_shape)
     q, k, v = make_inputs(B, Sq, Sk, H, D, mult, dtype, device)
-    mask = reference_selection(q, k, latent_shape, kv_latent_shape, block_shape, sparsity, cdf_threshold)
+    mask = reference_selection(q.cpu(), k.cpu(), latent_shape, kv_latent_shape, block_shape, sparsity, cdf_threshold,
+                               kv_block_shape)
     qa, ka, va = (t.clone().requires_grad_() for t in (q, k, v))
     out, lse = block_sparse_attention(qa, ka, va, latent_shape, kv_latent_shape, block_shape, sparsity=sparsity,
-                                      cdf_threshold=cdf_threshold, backend=backend, return_lse=True)
+                                      cdf_threshold=cdf_threshold, backend=backend, return_lse=True,
+                                      kv_block_shape=kv_block_shape)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, H, Sq) and lse.dtype == torch.float32
     g = torch.Generator().manual_seed(1)
     dout = torch.randn(out.shape, generator=g).to(device)
@@ -172,7 +174,7 @@ def run_and_compare(backend, device, dtype, latent_shape, kv_latent_shape, block
     ((out.float() * dout).sum() + (lse * dlse).sum()).backward()
 
     qr, kr, vr = (t.float().clone().requires_grad_() for t in (q, k, v))
-    out_r, lse_r = reference_bsa(qr, kr, vr, latent_shape, kv_latent_shape, block_shape, mask)
+    out_r, lse_r = reference_bsa(qr, kr, vr, latent_shape, kv_latent_shape, block_shape, mask, kv_block_shape)
     ((out_r * dout).sum() + (lse_r * dlse).sum()).backward()
 
     torch.testing.assert_close(out.float(), out_r, atol=out_tol, rtol=out_tol)
@@ -315,6 +317,18 @@ TORCH_CASES = [
 @pytest.mark.parametrize("latent,kv_latent,block,sparsity,mult", TORCH_CASES)
 def test_torch_backend_matches_reference(latent, kv_latent, block, sparsity, mult):
     run_and_compare("torch", "cpu", torch.float32, latent, kv_latent, block, sparsity, mult)
+
+
+@pytest.mark.parametrize("latent,kv_latent,block,kv_block,sparsity,cdf", [
+    ((4, 8, 8), (8, 8, 8), (2, 4, 4), (4, 2, 4), 0.75, None),   # condition frames, blocks of 32 both
+    ((5, 6, 7), (5, 6, 7), (2, 2, 4), (4, 2, 2), 0.5, None),    # ragged: each side padded to its own block
+    ((4, 4, 8), (4, 4, 8), (4, 4, 8), (2, 2, 2), 0.9, 0.6),     # keys finer than queries, both rules
+])
+def test_separate_query_and_key_block_shapes(latent, kv_latent, block, kv_block, sparsity, cdf):
+    """``chunk_3d_shape_q != chunk_3d_shape_k``: selection on each side's own blocks (issue 16, item 4);
+    a key shape silently replaced by the query shape selects other blocks and fails here."""
+    run_and_compare("torch", "cpu", torch.float32, latent, kv_latent, block, sparsity, 4.0, cdf_threshold=cdf,
+                    kv_block_shape=kv_block)
 
 
 def test_torch_backend_cdf_rule():
@@ -522,6 +536,11 @@ def test_triton_fp32_matches_reference(triton_device, latent, kv_latent, block, 
 def test_triton_fp16_matches_reference(triton_device, latent, kv_latent, block, sparsity, mult, D):
     run_and_compare("triton", triton_device, torch.float16, latent, kv_latent, block, sparsity, mult, D=D,
                     tol=2e-2, out_tol=2e-2, lse_tol=2e-2)
+
+
+def test_triton_separate_query_and_key_block_shapes(triton_device):
+    run_and_compare("triton", triton_device, torch.float32, (4, 4, 6), (6, 4, 6), (2, 2, 2), 0.5, 4.0,
+                    kv_block_shape=(2, 4, 2))
 
 
 def test_triton_all_blocks_equals_dense_sdpa(triton_device):

@@ -186,9 +186,10 @@ def test_attention_runs_through_the_swappable_operator():
         def __init__(self):
             self.calls = []
 
-        def self_attention(self, q, k, v, q_grid, kv_grid):
+        def self_attention(self, q, k, v, q_grid, kv_grid, clip_frames=None):
+            assert clip_frames == 4  # the clip's frames, on both calls
             self.calls.append(("self", q_grid, kv_grid))
-            return super().self_attention(q, k, v, q_grid, kv_grid)
+            return super().self_attention(q, k, v, q_grid, kv_grid, clip_frames)
 
         def cross_attention(self, q, k, v, key_mask):
             self.calls.append(("cross", q.shape[1]))

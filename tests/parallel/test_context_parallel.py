@@ -82,12 +82,16 @@ def _check_op(rank, world, mode, inner, cases):
         tol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         q, k, v, w = (t.to(dtype) for t in _inputs(grid, seed))
         if inner == "bsa":
-            ref_op = BlockSparseAttentionOp(settings["sparsity"], BSA_BLOCK, settings.get("cdf_threshold"), "torch")
+            ref_op = BlockSparseAttentionOp(settings["sparsity"], BSA_BLOCK, settings.get("cdf_threshold"), "torch",
+                                            settings.get("kv_block_shape"), settings.get("fp32_scores", False))
             cp_op = cls(dist.group.WORLD, "bsa", block_shape=BSA_BLOCK, backend="torch", split_hw=split, **settings)
             dense_out = _attend(AttentionOp(), q, k, v, grid, num_cond)
         else:
             ref_op, cp_op = AttentionOp(), cls(dist.group.WORLD, "dense", split_hw=split)
-        ref = _grads(ref_op, *(t.float() for t in (q, k, v, w)), grid, num_cond)
+        # BSA selects blocks in the input dtype (LongCat's rule), so its reference sees the same inputs;
+        # its attention math is fp32 either way
+        ref_in = (q, k, v, w) if inner == "bsa" else tuple(t.float() for t in (q, k, v, w))
+        ref = tuple(t.float() for t in _grads(ref_op, *ref_in, grid, num_cond))
         if inner == "bsa":  # the sparse path is really taken
             assert not torch.allclose(ref[0], dense_out.float(), atol=1e-3)
         layout = cp_op.layout(grid[1], grid[2])
@@ -118,6 +122,9 @@ DENSE_CASES = [(DENSE_GRID, 0, {}), (DENSE_GRID, 1, {}), (DENSE_GRID, 2, {}),
 BSA_CASES = [(BSA_GRID, 0, {"sparsity": 0.75}), (BSA_GRID, 2, {"sparsity": 0.75}), (BSA_GRID, 1, {"sparsity": 0.5}),
              (BSA_GRID, 2, {"sparsity": 0.75, "cdf_threshold": 0.5}),
              (BSA_GRID, 2, {"sparsity": 0.75, "dtype": torch.bfloat16}),
+             (BSA_GRID, 2, {"sparsity": 0.75, "dtype": torch.bfloat16, "fp32_scores": True}),
+             (BSA_GRID, 2, {"sparsity": None, "cdf_threshold": 0.6}),
+             ((6, 8, 8), 3, {"sparsity": 0.5, "kv_block_shape": (4, 4, 2)}),  # key blocks differ from query blocks
              (RAGGED_BSA, 2, {"sparsity": 0.75}), (RAGGED_BSA, 1, {"sparsity": 0.5, "split_hw": "cols"}),
              ((3, 3, 4), 1, {"sparsity": 0.5, "split_hw": "cols"})]
 
