@@ -9,6 +9,7 @@ so a model trained here loads in the published inference code.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import torch
 
 from lcv_train.errors import CheckpointError
 from lcv_train.model.config import DiTConfig
+
+log = logging.getLogger("lcv_train")
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
@@ -109,7 +112,23 @@ def check_published_dit(model: torch.nn.Module, path: str | Path) -> Path:
     if unexpected:
         raise CheckpointError(f"{d}: unexpected weight {unexpected[0]!r} ({len(unexpected)} in all); is this a "
                               f"LoRA file? load it with the LoRA loader instead")
+    if want.attention == "bsa":
+        for line in bsa_differences(have, want):
+            log.warning("%s: %s", d / "config.json", line)
     return d
+
+
+def bsa_differences(published: DiTConfig, model: DiTConfig) -> list[str]:
+    """One line per ``bsa_params`` setting (sparsity, cdf_threshold, both block shapes) in which ``model``
+    attends differently from the published weights' config; empty when they agree."""
+    lines = []
+    for key in ("sparsity", "cdf_threshold", "chunk_3d_shape_q", "chunk_3d_shape_k"):
+        have, want = getattr(published.bsa, key), getattr(model.bsa, key)
+        if have != want:
+            shown = list(have) if isinstance(have, tuple) else have
+            lines.append(f"bsa_params.{key}={shown} but model.bsa.{key}={want}: the weights were tuned and are "
+                         f"served with the published value; set model.bsa.{key}={shown} to attend as they do")
+    return lines
 
 
 def load_published_dit(model: torch.nn.Module, path: str | Path) -> None:
