@@ -4,13 +4,15 @@ High level::
 
     from kernels.bsa import block_sparse_attention
     out = block_sparse_attention(q, k, v, latent_shape, kv_latent_shape=None, block_shape=(4, 4, 4),
-                                 sparsity=0.9375, cdf_threshold=None, backend="auto", return_lse=False)
+                                 sparsity=0.9375, cdf_threshold=None, backend="auto", return_lse=False,
+                                 kv_block_shape=None, fp32_scores=False)
 
 Lower level (what ring / context-parallel attention composes):
 :func:`blockify` / :func:`unblockify` (raster <-> 3D blocks), :func:`pool_blocks` (mean over valid tokens),
-:func:`select_blocks` (LongCat's top-k / CDF rule; see ``select.py``), :func:`block_attention` (exact attention over listed key blocks,
-returns out and lse, differentiable through both, handles ``kv_count == 0``), :func:`local_selection`
-(restrict a global selection to the key blocks one rank holds).
+:func:`select_blocks` (LongCat's top-k / CDF rule; see ``select.py``), :func:`refine_selection`
+(a selection on query/key blocks of different shapes, in their common finer blocks), :func:`block_attention`
+(exact attention over listed key blocks, returns out and lse, differentiable through both, handles
+``kv_count == 0``), :func:`local_selection` (restrict a global selection to the key blocks one rank holds).
 
 Context parallelism (ring attention) with these pieces, shards holding whole 3D blocks (e.g. T split in
 multiples of ``bt``, so a rank's key blocks are a contiguous range ``[b0, b1)`` of the global block order)::

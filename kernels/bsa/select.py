@@ -112,7 +112,8 @@ def refine_selection(kv_index: torch.Tensor, kv_count: torch.Tensor, q_blocks, k
     dev = kv_index.device
     qt, qh, qw = (torch.arange(n * r, device=dev) // r for n, r in zip(q_blocks, q_ratio))
     parent = ((qt[:, None, None] * q_blocks[1] + qh[None, :, None]) * q_blocks[2] + qw[None, None, :]).reshape(-1)
-    kt, kh, kw = (torch.arange(n, device=dev)[:, None] * r + torch.arange(r, device=dev) for n, r in zip(kv_blocks, kv_ratio))
+    kt, kh, kw = (torch.arange(n, device=dev)[:, None] * r + torch.arange(r, device=dev)
+                  for n, r in zip(kv_blocks, kv_ratio))
     fh, fw = kv_blocks[1] * kv_ratio[1], kv_blocks[2] * kv_ratio[2]
     # children[c] = fine ids of coarse key block c: [nk, rt, rh, rw] over (tb, hb, wb) -> [nk, R]
     children = ((kt[:, None, None, :, None, None] * fh + kh[None, :, None, None, :, None]) * fw
