@@ -135,10 +135,10 @@ def selection_mask(kv_index, kv_count, nk):
 
 
 def package_selection(q, k, latent_shape, kv_latent_shape, block_shape, sparsity=0.9375, cdf_threshold=None,
-                      fp32=False):
+                      fp32=False, kv_block_shape=None):
     """The code under test: blockify -> pool_blocks -> select_blocks, as a bool block mask."""
     qb, qv = blockify(q, latent_shape, block_shape)
-    kb, kv = blockify(k, kv_latent_shape, block_shape)
+    kb, kv = blockify(k, kv_latent_shape, kv_block_shape or block_shape)
     dtype = torch.float32 if fp32 else None
     idx, cnt = select_blocks(pool_blocks(qb, qv, dtype), pool_blocks(kb, kv, dtype), sparsity=sparsity,
                              cdf_threshold=cdf_threshold, scale=1.0 / math.sqrt(q.shape[-1]), fp32_scores=fp32)
@@ -298,6 +298,66 @@ def test_bf16_selection_pools_and_scores_in_bf16():
     ref, _ = reference_bsa(q.float(), k.float(), v.float(), latent, latent, block,
                            reference_selection(q, k, latent, latent, block, 0.75))
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+# The published kernel's own selection code, when a checkout of its repository is at hand. Its kernels
+# need a Triton that still has tl.make_block_ptr, but pooling and selection are plain torch (run here with
+# torch.compile disabled). Nothing of it is copied into this project.
+LONGCAT_REPO = os.environ.get("LCV_LONGCAT_REPO")
+
+
+@pytest.fixture(scope="module")
+def longcat_bsa():
+    if not LONGCAT_REPO:
+        pytest.skip("LCV_LONGCAT_REPO is not set: point it at a checkout of meituan-longcat/LongCat-Video to "
+                    "compare block selection with its longcat_video/block_sparse_attention/bsa_interface.py")
+    if not os.path.isfile(os.path.join(LONGCAT_REPO, "longcat_video", "block_sparse_attention", "bsa_interface.py")):
+        pytest.skip(f"LCV_LONGCAT_REPO={LONGCAT_REPO} has no longcat_video/block_sparse_attention/bsa_interface.py")
+    sys.path.insert(0, LONGCAT_REPO)
+    try:
+        return importlib.import_module("longcat_video.block_sparse_attention.bsa_interface")
+    except Exception as e:  # noqa: BLE001 - any import failure of a foreign repo is a reason to skip
+        pytest.skip(f"cannot import LongCat's bsa_interface: {type(e).__name__}: {e}")
+    finally:
+        sys.path.remove(LONGCAT_REPO)
+
+
+def longcat_selection(m, q, k, latent_shape, kv_latent_shape, block_shape, kv_block_shape, sparsity, cdf_threshold):
+    """LongCat's pooling and selection on ``q [B, S, H, D]`` -> ``(mask [B, H, nq, nk], their count, their
+    order)``; sizes must be block multiples (the reference refuses others)."""
+    D = q.shape[-1]
+    with torch._dynamo.config.patch(disable=True):
+        qr = m.rearrange_THW_to_3d_block(q.transpose(1, 2).contiguous(),
+                                         *[s // b for s, b in zip(latent_shape, block_shape)], *block_shape, D)
+        kr = m.rearrange_THW_to_3d_block(k.transpose(1, 2).contiguous(),
+                                         *[s // b for s, b in zip(kv_latent_shape, kv_block_shape)], *kv_block_shape, D)
+        q_cmp = m.mean_pooling_compression(qr, math.prod(block_shape))
+        k_cmp = m.mean_pooling_compression(kr, math.prod(kv_block_shape))
+        order, count = m.get_select_indices(q_cmp, k_cmp, sparsity, cdf_threshold)
+    nk = k_cmp.shape[2]
+    keep = torch.arange(order.shape[-1]) < count[..., None]
+    mask = torch.zeros(*order.shape[:3], nk, dtype=torch.bool).scatter_(-1, order.long(), keep)
+    return mask, count, order
+
+
+@pytest.mark.parametrize("dtype,sparsity,cdf,block,kv_block", [
+    (torch.bfloat16, 0.9375, None, (4, 4, 4), (4, 4, 4)),  # the published setting, in the model's dtype
+    (torch.bfloat16, 0.9, None, (4, 4, 4), (4, 4, 4)),
+    (torch.float32, 0.8, None, (2, 4, 4), (4, 2, 4)),      # separate query / key block shapes
+    (torch.bfloat16, None, 0.5, (4, 4, 4), (4, 4, 4)),
+    (torch.bfloat16, 0.75, 0.3, (2, 4, 4), (4, 4, 2)),
+    (torch.float32, 0.9375, 0.9, (4, 4, 4), (4, 4, 4)),
+])
+def test_selection_matches_longcat_reference_code(longcat_bsa, dtype, sparsity, cdf, block, kv_block):
+    """Same inputs, same blocks as the published kernel's selection (where it keeps 0 blocks, we keep its
+    top-ranked one)."""
+    latent, kv_latent = (8, 8, 16), (12, 8, 16)  # 4 condition frames in the keys
+    q, k, _ = make_inputs(2, math.prod(latent), math.prod(kv_latent), 2, 64, 1.0, dtype, "cpu", seed=5)
+    theirs, count, order = longcat_selection(longcat_bsa, q, k, latent, kv_latent, block, kv_block, sparsity, cdf)
+    empty = count == 0
+    theirs[empty] = torch.zeros_like(theirs[empty]).scatter_(-1, order[empty][:, :1].long(), True)
+    ours = package_selection(q, k, latent, kv_latent, block, sparsity, cdf, kv_block_shape=kv_block)
+    assert torch.equal(ours, theirs), f"{int((ours != theirs).any(-1).sum())} query blocks differ"
 
 
 # ----------------------------------------------------------------------------------------------------
