@@ -127,3 +127,32 @@ def test_dense_fallback_follows_the_clip_frames(counted_bsa):
         m.attention_op = build_attention_op(m.config)
         m(_latents(2, seed=2), t, text, cond_cache=cache)
         assert counted_bsa == [((2, 4, 4), (4, 4, 4))] * depth
+
+
+def test_ring_operator_decides_like_the_single_process_one(monkeypatch):
+    """The context-parallel ring operator (one rank here) applies the same clip rule and the same selection."""
+    from parallel.context_parallel import make_context_parallel_op, ops
+
+    calls = []
+    real = ops.bsa_ring_attention
+
+    def spy(q, k, v, q_grid, kv_grid, *args, **kw):
+        calls.append((tuple(q_grid), tuple(kv_grid)))
+        return real(q, k, v, q_grid, kv_grid, *args, **kw)
+
+    monkeypatch.setattr(ops, "bsa_ring_attention", spy)
+    single, ring = _model(), _model()
+    ring.attention_op = make_context_parallel_op(ring.attention_op, None, "ring")
+    depth = single.config.depth
+    t, text = torch.tensor([500.0]), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        cache_s, cache_r = single.encode_condition(_latents(2, seed=1)), ring.encode_condition(_latents(2, seed=1))
+        assert calls == [((2, 4, 4), (2, 4, 4))] * depth
+        calls.clear()
+        out = ring(_latents(1, seed=2), t, text, cond_cache=cache_r)
+        assert calls == []  # one noisy frame: dense, as single-process
+        # fp32 with weights of std 0.3: the dense ring and SDPA sum in different orders (~3e-5)
+        torch.testing.assert_close(out, single(_latents(1, seed=2), t, text, cond_cache=cache_s), rtol=1e-4, atol=1e-4)
+        out = ring(_latents(3, seed=2), t, text, num_cond_latents=1)
+        assert calls == [((1, 4, 4), (1, 4, 4)), ((2, 4, 4), (3, 4, 4))] * depth
+        torch.testing.assert_close(out, single(_latents(3, seed=2), t, text, num_cond_latents=1), rtol=1e-4, atol=1e-4)
