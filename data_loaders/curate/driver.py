@@ -17,7 +17,7 @@ from typing import Any
 
 from data_loaders.curate.config import CurateConfig, validate
 from data_loaders.curate.dedup import dedup
-from data_loaders.curate.engine import run
+from data_loaders.curate.engine import close, run
 from data_loaders.curate.probe import list_inputs, probe_file
 from data_loaders.curate.work import atomic_write, done_path, process_file
 
@@ -49,9 +49,16 @@ def _read_partial(path: str):
 
 def curate(cfg: CurateConfig) -> dict[str, Any]:
     """Run the pipeline; return the summary (also written to ``out/report.json``)."""
+    validate(cfg)
+    try:
+        return _curate(cfg)
+    finally:
+        close()
+
+
+def _curate(cfg: CurateConfig) -> dict[str, Any]:
     import pandas as pd
 
-    validate(cfg)
     root = os.path.abspath(cfg.input)
     cfg.out = os.path.abspath(cfg.out)
     for d in ("probe", "files", "clips"):

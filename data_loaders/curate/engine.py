@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 log = logging.getLogger("data_loaders.curate")
 
+_ray_connected_here = False
+
 
 def _local(fn: Callable, items: Sequence[tuple], workers: int) -> Iterator[tuple[tuple, Any]]:
     workers = min(workers or os.cpu_count() or 1, len(items))
@@ -32,7 +34,9 @@ def _local(fn: Callable, items: Sequence[tuple], workers: int) -> Iterator[tuple
 def _ray(fn: Callable, items: Sequence[tuple], address: str | None) -> Iterator[tuple[tuple, Any]]:
     import ray
 
+    global _ray_connected_here
     if not ray.is_initialized():
+        _ray_connected_here = True
         # workers must import this package: ship the folder that holds it on PYTHONPATH
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
@@ -45,6 +49,16 @@ def _ray(fn: Callable, items: Sequence[tuple], address: str | None) -> Iterator[
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         yield refs[ready[0]], ray.get(ready[0])
+
+
+def close() -> None:
+    """Disconnect from Ray if :func:`run` connected (a session the caller opened is left alone)."""
+    global _ray_connected_here
+    if _ray_connected_here:
+        import ray
+
+        ray.shutdown()
+        _ray_connected_here = False
 
 
 def run(fn: Callable, items: Sequence[tuple], engine: str, workers: int = 0, address: str | None = None

@@ -77,3 +77,12 @@ def make_raw_videos(root: str, with_static_blur: bool = True) -> str:
                 json.dump({"caption": cap, "source_id": stem}, f)
     shutil.copyfile(os.path.join(root, "cuts.mp4"), os.path.join(root, "cuts_copy.mp4"))
     return root
+
+
+def caption_hook(frames) -> str:
+    """A stand-in captioner (``--captioner _curate_media:caption_hook``)."""
+    return f"captioned {len(frames)} frames"
+
+
+def translate_hook(text: str, lang: str) -> str:
+    return f"[{lang}] {text}"
