@@ -123,7 +123,7 @@ def test_captions_augmented(curated):
     assert any("camera: static" in c for c in _clips(df, "static.mp4").iloc[0]["captions"])
 
 
-def test_shards_stats_mixture_and_filters(curated):
+def test_shards_stats_mixture_and_filters(curated, capsys):
     """`lcv-data stats` reads the shards; the Hydra mixture file loads; loader filters use the columns."""
     from hydra import compose, initialize_config_dir
 
@@ -131,9 +131,8 @@ def test_shards_stats_mixture_and_filters(curated):
 
     out, summary, df = curated
     dirs = list(summary["shards"].values())
-    from data_loaders.stats import collect_stats
-
-    st = collect_stats(dirs, [[5, 32, 32]], 8.0)
+    assert lcv_data(["stats", *dirs, "--buckets", "5x32x32", "--fps", "8", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
     assert st["samples"] == len(df) and {"blur", "motion", "crop_w"} <= set(st["metadata"])
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         cfg = compose("train", overrides=[f"hydra.searchpath=[file://{out}/conf]", "data=curated"])
