@@ -65,7 +65,7 @@ def _curate(cfg: CurateConfig) -> dict[str, Any]:
         os.makedirs(os.path.join(cfg.work_dir, d), exist_ok=True)
     steps: list[dict[str, Any]] = []
 
-    files = list_inputs(root)
+    files = [f for f in list_inputs(root) if not os.path.join(root, f).startswith(cfg.out + os.sep)]  # not our clips
     probe_dir = os.path.join(cfg.work_dir, "probe")
     recs = sorted((r for _, r in run(probe_cached, [(root, f, probe_dir) for f in files], cfg.engine, cfg.workers,
                                      cfg.ray_address)), key=lambda r: r["source"])
@@ -152,7 +152,7 @@ def _table_steps(df, cfg: CurateConfig):
         x, method, why = embed(df["caption"].tolist(), cfg.embedder)
         if why:
             skipped.add(why)
-        df["cluster"] = kmeans_labels(x, cfg.clusters, cfg.seed)
+        df["cluster"] = kmeans_labels(x, min(cfg.clusters, df["caption"].nunique()), cfg.seed)
         df.attrs["embedding"] = method
     else:
         df["cluster"] = 0

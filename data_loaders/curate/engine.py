@@ -25,7 +25,9 @@ def _local(fn: Callable, items: Sequence[tuple], workers: int) -> Iterator[tuple
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    # fork, like torch's DataLoader on Linux: workers start at once with everything already imported
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         futures = {pool.submit(fn, *it): it for it in items}
         for f in as_completed(futures):
             yield futures[f], f.result()

@@ -3,7 +3,8 @@
 A scorer (``aesthetic``, ``text_coverage``, ``watermark``) is a TorchScript file: it takes the sampled
 frames of a clip as float32 ``[N, 3, H, W]`` in [0, 1] and returns ``[N]`` (or ``[N, 1]``) scores; the
 clip's value is their mean. The captioner is ``"pkg.module:function"`` (called with the list of
-sampled uint8 RGB frames, returns a string) or a local transformers image-to-text model directory
+sampled uint8 RGB frames, returns a string, or a dict with ``caption`` and any of ``shot_size``, ``lens``,
+``style``) or a local transformers image-to-text model directory
 (captions the middle frame). Anything absent or failing to load is skipped with one logged reason;
 the reasons are counted in the report. Models are loaded once per worker process.
 """

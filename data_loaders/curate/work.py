@@ -115,9 +115,14 @@ def process_file(root: str, rec: dict[str, Any], cfg: CurateConfig) -> dict[str,
         frames = [np.ascontiguousarray(smp.rgb[ay0:ay1, ax0:ax1]) for smp in samples]
         start_s, end_s = s / fps, e / fps  # frame index / fps: constant frame rate assumed
         caption, caption_source = _sidecar_caption(side, start_s, end_s), "sidecar"
+        model_attrs: dict[str, Any] = {}
         if captioner is not None:
             try:
-                caption, caption_source = str(captioner(frames)).strip(), "captioner"
+                got = captioner(frames)
+                if isinstance(got, dict):  # a captioner may also name shot size, lens, style
+                    model_attrs = {k: str(got[k]) for k in SIDECAR_ATTRIBUTES if got.get(k)}
+                    got = got.get("caption", "")
+                caption, caption_source = str(got).strip(), "captioner"
             except Exception as ex:  # noqa: BLE001
                 skipped.add(f"captioner failed: {type(ex).__name__}: {ex}")
         if not caption:
@@ -131,7 +136,7 @@ def process_file(root: str, rec: dict[str, Any], cfg: CurateConfig) -> dict[str,
             "md5": md5, "caption": caption, "caption_source": caption_source, "scene_detector": a.detector or "none",
         }
         for attr in SIDECAR_ATTRIBUTES:
-            row[attr] = str(side.get(attr) or "unknown")
+            row[attr] = model_attrs.get(attr) or str(side.get(attr) or "unknown")
         if cfg.step("quality"):
             row.update(_quality(frames, dt=max(1, int(round(fps / cfg.sample_fps))) / fps))
         for name, model in scorers.items():

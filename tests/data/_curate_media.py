@@ -79,9 +79,9 @@ def make_raw_videos(root: str, with_static_blur: bool = True) -> str:
     return root
 
 
-def caption_hook(frames) -> str:
-    """A stand-in captioner (``--captioner _curate_media:caption_hook``)."""
-    return f"captioned {len(frames)} frames"
+def caption_hook(frames) -> dict:
+    """A stand-in captioner (``--captioner _curate_media:caption_hook``) that also names the shot size."""
+    return {"caption": f"captioned {len(frames)} frames", "shot_size": "close-up"}
 
 
 def translate_hook(text: str, lang: str) -> str:

@@ -35,7 +35,7 @@ REQUIRED = ["clip_id", "source", "start_s", "end_s", "duration_s", "width", "hei
 
 
 def _cfg(raw: str, out: str, **kw) -> CurateConfig:
-    return CurateConfig(input=raw, out=out, workers=1, clusters=3, **kw)
+    return CurateConfig(input=raw, out=out, **{"workers": 1, "clusters": 3, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,8 @@ def test_shards_train(curated, tmp_path):
 
 
 def test_interrupted_run_resumes_without_redoing_files(raw, curated, tmp_path):
-    """A run killed (SIGKILL) after two files: the rerun redoes neither and ends with the same table."""
+    """A run killed (SIGKILL) after two files: the rerun (on a pool of 2 processes) redoes neither and ends
+    with the same table as the uninterrupted run in one process."""
     out = str(tmp_path / "out")
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **{KILL_AFTER_ENV: "2"})
     p = subprocess.run([sys.executable, "-m", "data_loaders.cli", "curate", "--input", raw, "--out", out,
@@ -177,7 +178,7 @@ def test_interrupted_run_resumes_without_redoing_files(raw, curated, tmp_path):
     files = Path(out, "work", "files")
     before = {f.name: f.stat().st_mtime_ns for f in files.glob("*.parquet")}
     assert len(before) == 2
-    summary = curate(_cfg(raw, out))
+    summary = curate(_cfg(raw, out, workers=2))  # the rest on the process pool
     assert summary["files_resumed"] == 2 and summary["files_processed"] == 3
     assert {f: files.joinpath(f).stat().st_mtime_ns for f in before} == before
     again = curate(_cfg(raw, out))
@@ -209,7 +210,7 @@ def test_model_scorer_captioner_and_translation_hooks(raw, tmp_path):
     frame = _decode(os.path.join(raw, "static.mp4"))[0]
     assert abs(r["aesthetic"] - frame.mean() / 255.0) < 0.01
     assert r["caption"] == "captioned 8 frames" and r["caption_source"] == "captioner"
-    assert "[zh] captioned 8 frames" in list(r["captions"])
+    assert "[zh] captioned 8 frames" in list(r["captions"]) and r["shot_size"] == "close-up"
     assert "text_coverage" not in df and "cluster" in df
 
 
