@@ -19,7 +19,7 @@ from data_loaders.curate.config import CurateConfig, validate
 from data_loaders.curate.dedup import dedup
 from data_loaders.curate.engine import close, run
 from data_loaders.curate.probe import list_inputs, probe_file
-from data_loaders.curate.work import atomic_write, done_path, process_file
+from data_loaders.curate.work import atomic_write, done_path, process_file_safe
 
 log = logging.getLogger("data_loaders.curate")
 
@@ -82,13 +82,21 @@ def _curate(cfg: CurateConfig) -> dict[str, Any]:
         steps.append({"name": "dedup", "kept": len(recs), "dropped": {k: len(v) for k, v in dups.items()}})
 
     todo = [r for r in recs if not os.path.exists(done_path(cfg, r["md5"]))]
+    resumed = len(recs) - len(todo)
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
-    finished = 0
-    for (_, rec, _), res in run(process_file, [(root, r, cfg) for r in todo], cfg.engine, cfg.workers, cfg.ray_address):
+    finished, failed = 0, []
+    for (_, rec, _), res in run(process_file_safe, [(root, r, cfg) for r in todo], cfg.engine, cfg.workers,
+                                cfg.ray_address):
+        if "error" in res:
+            failed.append(rec["source"])
+            log.warning("curate: %s failed (retried by the next run): %s", rec["source"], res["error"])
+            continue
         finished += 1
         log.info("curate: %s -> %d clips", rec["source"], res["clips"])
         if kill_after and finished >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
+    recs = [r for r in recs if r["source"] not in set(failed)]
+    steps.append({"name": "files", "kept": len(recs), "dropped": {"failed": len(failed)}})
 
     frames, dropped, skipped, detectors = [], {}, set(), set()
     for r in recs:
@@ -111,7 +119,7 @@ def _curate(cfg: CurateConfig) -> dict[str, Any]:
     meta_path = os.path.join(cfg.out, "metadata.parquet")
     write_metadata(df, meta_path)
     summary: dict[str, Any] = {
-        "steps": steps, "skipped": sorted(skipped), "files_processed": finished, "files_resumed": len(recs) - len(todo),
+        "steps": steps, "skipped": sorted(skipped), "files_processed": finished, "files_resumed": resumed,
         "clips": int(len(df)), "clusters": int(df["cluster"].nunique()) if len(df) else 0, "metadata": meta_path,
         "scene_detectors": sorted(detectors), "engine": cfg.engine,
     }

@@ -67,6 +67,15 @@ def _quality(frames: list[np.ndarray], dt: float) -> dict[str, Any]:
     }
 
 
+def process_file_safe(root: str, rec: dict[str, Any], cfg: CurateConfig) -> dict[str, Any]:
+    """:func:`process_file`, but a file that fails (corrupt past its header, ...) returns ``{"source", "error"}``
+    and leaves no done marker, so it is counted and logged now and retried by the next run."""
+    try:
+        return process_file(root, rec, cfg)
+    except Exception as e:  # noqa: BLE001
+        return {"source": rec["source"], "error": f"{type(e).__name__}: {e}"}
+
+
 def process_file(root: str, rec: dict[str, Any], cfg: CurateConfig) -> dict[str, Any]:
     """Curate one (probed, deduplicated) file; return ``{"source", "clips", "dropped", "skipped", "path"}``."""
     import pyarrow as pa
@@ -101,6 +110,9 @@ def process_file(root: str, rec: dict[str, Any], cfg: CurateConfig) -> dict[str,
             skipped.add(why)
     clip_dir = os.path.join(cfg.work_dir, "clips", md5)
     os.makedirs(clip_dir, exist_ok=True)
+    for name in os.listdir(clip_dir):  # left by an interrupted attempt at this file
+        if ".tmp-" in name:
+            os.remove(os.path.join(clip_dir, name))
     rows = []
     for k, (s, e) in enumerate(ranges):
         samples = _clip_samples(a, s, e)

@@ -186,6 +186,30 @@ def test_interrupted_run_resumes_without_redoing_files(raw, curated, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(out, "metadata.parquet")), curated[2])
 
 
+def test_failing_file_is_counted_and_retried(raw, tmp_path, monkeypatch):
+    """A file that fails after probing (corrupt past its header) is counted, leaves no done marker, and the
+    next run retries only it."""
+    import data_loaders.curate.work as work
+
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("cuts.mp4", "cuts.json", "bars.mp4", "bars.json"):
+        os.link(os.path.join(raw, name), two / name)
+    real = work.analyse
+
+    def failing(path, *a, **k):
+        if path.endswith("bars.mp4"):
+            raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(work, "analyse", failing)
+    s1 = curate(_cfg(str(two), str(tmp_path / "out")))
+    assert {x["name"]: x["dropped"] for x in s1["steps"]}["files"] == {"failed": 1} and s1["clips"] == 3
+    monkeypatch.setattr(work, "analyse", real)
+    s2 = curate(_cfg(str(two), str(tmp_path / "out")))
+    assert s2["files_resumed"] == 1 and s2["files_processed"] == 1 and s2["clips"] == 4
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_model_scorer_captioner_and_translation_hooks(raw, tmp_path):
     """A local TorchScript scorer fills its column; a captioner and a translation hook are called."""
