@@ -112,7 +112,7 @@ def _curate(cfg: CurateConfig) -> dict[str, Any]:
     if len(df) and "scene_detector" in df:
         detectors = set(df["scene_detector"])
 
-    df, table_skipped = _table_steps(df, cfg)
+    df, table_skipped, info = _table_steps(df, cfg)
     skipped.update(table_skipped)
     from data_loaders.curate.output import write_metadata, write_mixture, write_shards
 
@@ -121,7 +121,7 @@ def _curate(cfg: CurateConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "steps": steps, "skipped": sorted(skipped), "files_processed": finished, "files_resumed": resumed,
         "clips": int(len(df)), "clusters": int(df["cluster"].nunique()) if len(df) else 0, "metadata": meta_path,
-        "scene_detectors": sorted(detectors), "engine": cfg.engine,
+        "scene_detectors": sorted(detectors), "engine": cfg.engine, **info,
     }
     if cfg.step("shards") and len(df):
         from data_loaders.curate.cluster import cluster_ratios
@@ -140,9 +140,10 @@ def _curate(cfg: CurateConfig) -> dict[str, Any]:
 def _table_steps(df, cfg: CurateConfig):
     """Caption augmentation, clusters and sampling weights over the whole table."""
     skipped: set[str] = set()
+    info: dict[str, str] = {"embedding": "none"}
     if not len(df):
         df["cluster"], df["cluster_weight"], df["captions"] = [], [], []
-        return df, skipped
+        return df, skipped, info
     if cfg.step("augment"):
         from data_loaders.curate.augment import augment_captions
         from data_loaders.curate.models import load_translator
@@ -161,7 +162,7 @@ def _table_steps(df, cfg: CurateConfig):
         if why:
             skipped.add(why)
         df["cluster"] = kmeans_labels(x, min(cfg.clusters, df["caption"].nunique()), cfg.seed)
-        df.attrs["embedding"] = method
+        info["embedding"] = method
     else:
         df["cluster"] = 0
     from data_loaders.curate.cluster import cluster_ratios
@@ -169,4 +170,4 @@ def _table_steps(df, cfg: CurateConfig):
     ratios = cluster_ratios(df["cluster"].to_numpy(), cfg.cluster_balance)
     counts = df["cluster"].value_counts().to_dict()
     df["cluster_weight"] = [ratios[int(c)] / counts[c] for c in df["cluster"]]
-    return df, skipped
+    return df, skipped, info

@@ -278,3 +278,35 @@ def test_ray_engine_gives_the_same_table(raw, curated, tmp_path):
     summary = json.loads(Path(out, "report.json").read_text())
     assert summary["engine"] == "ray"
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(out, "metadata.parquet")), curated[2])
+
+
+def test_clusters_and_weights_tfidf():
+    """Captions on two topics fall into two clusters; ratios follow n_c**balance (closed form)."""
+    from data_loaders.curate.cluster import cluster_ratios, embed, kmeans_labels
+
+    texts = ["a red car drives on a road", "a red car parked on the road", "a fast red car on a wet road",
+             "a red sports car on a mountain road", "blue ocean waves at sunset", "calm blue ocean waves"]
+    x, method, why = embed(texts, None)
+    labels = kmeans_labels(x, 2, seed=0)
+    assert method == "tfidf" and why is None and list(labels) == [0, 0, 0, 0, 1, 1]
+    r = cluster_ratios(labels, 0.5)
+    assert abs(r[0] - 2 / (2 + 2 ** 0.5)) < 1e-12 and abs(r[0] + r[1] - 1) < 1e-12
+    assert cluster_ratios(labels, 0.0) == {0: 0.5, 1: 0.5}
+    _, method, why = embed(texts, "/nonexistent/model")
+    assert method == "tfidf" and "cannot use /nonexistent/model" in why
+
+
+def test_local_sentence_embedding_model(tmp_path):
+    """A local model directory (here a tiny random BERT) embeds the captions instead of TF-IDF."""
+    transformers = pytest.importorskip("transformers")
+    from data_loaders.curate.cluster import embed
+
+    words = "a red car drives on road blue ocean waves".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "m")
+    cfg = transformers.BertConfig(vocab_size=len(words) + 5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "m")
+    x, method, why = embed(["a red car", "blue ocean waves"], str(tmp_path / "m"))
+    assert method == "sentence-embedding" and why is None and x.shape == (2, 16)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
