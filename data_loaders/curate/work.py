@@ -132,7 +132,7 @@ def process_file(root: str, rec: dict[str, Any], cfg: CurateConfig) -> dict[str,
             try:
                 got = captioner(frames)
                 if isinstance(got, dict):  # a captioner may also name shot size, lens, style
-                    model_attrs = {k: str(got[k]) for k in SIDECAR_ATTRIBUTES if got.get(k)}
+                    model_attrs = {key: str(got[key]) for key in SIDECAR_ATTRIBUTES if got.get(key)}
                     got = got.get("caption", "")
                 caption, caption_source = str(got).strip(), "captioner"
             except Exception as ex:  # noqa: BLE001
@@ -162,6 +162,7 @@ def process_file(root: str, rec: dict[str, Any], cfg: CurateConfig) -> dict[str,
             if n != e - s:
                 log.warning("curate: %s clip %d: decoded %d frames, expected %d", rec["source"], k, n, e - s)
                 row["num_frames"], row["duration_s"] = n, n / fps
+        row["clip_bitrate"] = int(len(data) * 8 / max(row["duration_s"], 1e-6))
         clip_path = os.path.join(clip_dir, row["clip_id"] + ".mp4")
         atomic_write(clip_path, data)
         row["clip_path"] = os.path.relpath(clip_path, cfg.out)
