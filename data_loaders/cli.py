@@ -1,4 +1,4 @@
-"""``lcv-data``: pack / synth / encode / stats. Run ``lcv-data <command> --help``."""
+"""``lcv-data``: pack / synth / encode / stats / curate. Run ``lcv-data <command> --help``."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _frames(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lcv-data", description="Shards for lcv-train: pack, synth, encode, stats.")
+    p = argparse.ArgumentParser(prog="lcv-data", description="Shards for lcv-train: pack, synth, encode, stats, curate.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -73,7 +73,37 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--fps", type=float, default=None)
     a.add_argument("--temporal-stride", type=int, default=1)
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    a = sub.add_parser("curate", help="raw videos -> deduplicated, cut, cropped, scored, captioned, clustered shards")
+    a.add_argument("--input", required=True, help="folder of raw videos (+ optional <stem>.json/.txt sidecars)")
+    a.add_argument("--out", required=True, help="metadata.parquet, shards/, conf/data/curated.yaml, report")
+    a.add_argument("--steps", default=None, help="comma-separated subset of: " + ",".join(_curate_steps()))
+    a.add_argument("--engine", default="local", choices=("local", "ray"))
+    a.add_argument("--workers", type=int, default=0, help="local processes (0 = one per CPU)")
+    a.add_argument("--ray-address", default=None, help="existing Ray cluster (default $RAY_ADDRESS or auto)")
+    a.add_argument("--report", action="store_true", help="print counts per step, write PNG histograms")
+    a.add_argument("--scene-detector", default="auto", choices=("auto", "content", "transnetv2"))
+    a.add_argument("--scene-threshold", type=float, default=27.0)
+    a.add_argument("--transnet-weights", default=None)
+    a.add_argument("--min-clip-s", type=float, default=0.5)
+    a.add_argument("--max-clip-s", type=float, default=10.0)
+    a.add_argument("--sample-fps", type=float, default=4.0, help="frames per second analysed for quality")
+    a.add_argument("--scorer", action="append", default=[], metavar="NAME=PATH",
+                   help="aesthetic|text_coverage|watermark=TorchScript file (repeatable)")
+    a.add_argument("--captioner", default=None, help="package.module:function or a local image-to-text model dir")
+    a.add_argument("--translate", default=None, help="package.module:function(text, lang) for caption augmentation")
+    a.add_argument("--embedder", default=None, help="local sentence-embedding model dir (default: TF-IDF)")
+    a.add_argument("--clusters", type=int, default=8)
+    a.add_argument("--cluster-balance", type=float, default=0.5, help="0: clusters equally often, 1: as found")
+    a.add_argument("--shard-size", default="1GB")
+    a.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _curate_steps() -> tuple[str, ...]:
+    from data_loaders.curate.config import STEPS
+
+    return STEPS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -81,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return _run(args)
-    except (DataConfigError, DataError, ValueError, FileNotFoundError) as e:
+    except (DataConfigError, DataError, ValueError, FileNotFoundError) as e:  # incl. CurateConfigError
         print(f"lcv-data {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 
@@ -125,6 +155,27 @@ def _run(args: argparse.Namespace) -> int:
         summary = encode_shards(args.shards, out, codec, text, data, args.shard_size, args.dtype, args.num_workers,
                                 rank=args.rank, world_size=args.world_size)
         print(f"encoded {summary['written']} samples into {summary['shards']} shards; index {summary['index']}")
+        return 0
+    if args.cmd == "curate":
+        from data_loaders.curate import CurateConfig, curate
+        from data_loaders.curate.report import format_report
+
+        scorers = {}
+        for item in args.scorer:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise ValueError(f"--scorer {item!r}: expected NAME=PATH")
+            scorers[name] = path
+        steps = [s.strip() for s in args.steps.split(",") if s.strip()] if args.steps else list(_curate_steps())
+        cfg = CurateConfig(input=args.input, out=args.out, steps=steps, engine=args.engine, workers=args.workers,
+                           ray_address=args.ray_address, report=args.report, scene_detector=args.scene_detector,
+                           scene_threshold=args.scene_threshold, transnet_weights=args.transnet_weights,
+                           min_clip_s=args.min_clip_s, max_clip_s=args.max_clip_s, sample_fps=args.sample_fps,
+                           scorers=scorers, captioner=args.captioner, translate=args.translate, embedder=args.embedder,
+                           clusters=args.clusters, cluster_balance=args.cluster_balance, shard_size=args.shard_size,
+                           seed=args.seed)
+        summary = curate(cfg)
+        print(format_report(summary) if args.report else f"curated {summary['clips']} clips -> {summary['metadata']}")
         return 0
     raise AssertionError(args.cmd)
 
