@@ -350,8 +350,9 @@ class Reader:
 
     def _lost_estimate(self) -> int:
         c = self.state.counters
-        per_shard = c.get("unindexed/samples_ok", 0) / c["unindexed/shards_ok"] if c.get("unindexed/shards_ok") else 0.0
-        per_byte = c.get("unindexed/samples_ok_local", 0) / c["unindexed/bytes_ok"] if c.get("unindexed/bytes_ok") else 0.0
+        shards_ok, bytes_ok = c.get("unindexed/shards_ok", 0), c.get("unindexed/bytes_ok", 0)
+        per_shard = c.get("unindexed/samples_ok", 0) / shards_ok if shards_ok else 0.0
+        per_byte = c.get("unindexed/samples_ok_local", 0) / bytes_ok if bytes_ok else 0.0
         local_shards = c.get("unindexed/lost_shards", 0) - c.get("unindexed/lost_remote", 0)
         expected = (c.get("unindexed/lost_bytes", 0) * per_byte if per_byte else local_shards * per_shard)
         expected += c.get("unindexed/lost_remote", 0) * per_shard

@@ -39,7 +39,8 @@ class OptimConfig:
 
     def validate(self) -> "OptimConfig":
         for key in ("lr", "weight_decay", "eps", "grad_clip"):
-            require(math.isfinite(getattr(self, key)), f"optim.{key}", f"must be a finite number, got {getattr(self, key)}")
+            value = getattr(self, key)
+            require(math.isfinite(value), f"optim.{key}", f"must be a finite number, got {value}")
         require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
               f"must be two numbers in [0, 1), got {self.betas}")
