@@ -214,7 +214,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {name}: another rank failed to write it (see its log); {kept}")
         if _is_disk_full(error):
             need = (f"about {_size(_tree_bytes(previous))} needed (the size of {previous.name})" if previous
-                    else f"more than the {_size(written)} written before the disk filled needed")
+                    else f"more than {_size(written)} needed (written before the disk filled)")
             raise CheckpointError(f"no space left on device for checkpoint {name} in {self.dir}: {need}, "
                                   f"{_size(free_bytes(self.dir))} free; free space there (or lower "
                                   f"trainer.keep_last) and resume; {kept}") from error

@@ -4,6 +4,7 @@ import errno
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +118,32 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
         assert torch.equal(state["w"], torch.full((25_000,), 1.0))
     finally:
         subprocess.run(["umount", str(fs)], check=False)
+
+
+def _rank1_disk_fills(rank, world, directory):
+    ck = Checkpointer(directory)
+    save(ck, 1)
+    if rank == 1:
+        def full(path, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        ckpt_mod._write_bytes = full
+    try:
+        save(ck, 2)
+    except CheckpointError as e:
+        return str(e), sorted(p.name for p in Path(directory).iterdir())
+    return None, []
+
+
+def test_disk_full_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
+    """Two gloo ranks; only rank 1's write fails: both raise one line (no rank waits forever at a barrier),
+    the partial checkpoint is removed and the previous one stays published."""
+    from tests.parallel._spawn import run_ranks
+
+    (msg0, names), (msg1, _) = run_ranks(_rank1_disk_fills, 2, str(tmp_path))
+    assert msg1.startswith("no space left on device for checkpoint step_0000002") and str(tmp_path) in msg1
+    assert msg0.startswith("checkpoint step_0000002: another rank failed to write it")
+    assert names == ["latest", "step_0000001"]
 
 
 class _Killed(BaseException):
