@@ -156,7 +156,8 @@ class Checkpointer:
     # -- save / load ---------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, Any], rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Every rank calls this. ``state`` holds DCP-saveable objects (``Stateful`` or tensors);
-        ``rank_state`` is this rank's private state (plain data: tensors, numbers, str, lists, dicts; written to ``rank_XXXXX.pt``)."""
+        ``rank_state`` is this rank's private state, written to ``rank_XXXXX.pt``: plain data only (tensors,
+        numbers, str, lists, dicts), so it is read back without unpickling code."""
         with _finish_before_interrupt():
             return self._save(step, state, rank_state, meta)
 
