@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 import time
 from typing import Any, Iterator, Optional
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_loaders.config import DataConfig, subsets_of, to_data_config, validate
+from data_loaders.config import DataConfig, DataConfigError, DataError, subsets_of, to_data_config, validate
 from data_loaders.pipeline import BAD_REASONS, Plan, Reader, SubsetPlan
 from data_loaders.shards import make_units, resolve_shards
 
@@ -49,7 +50,29 @@ class _ReaderDataset(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         logical = (wid + self.shift) % self.plan.workers
-        return Reader(self.plan, logical, self.resume.get(logical)).batches()
+        return _errors_as_items(Reader(self.plan, logical, self.resume.get(logical)).batches())
+
+
+# A worker's user-facing error travels to the trainer as an item, so it arrives as the same one line it
+# would be with num_workers=0 (torch would re-raise it wrapped in "Caught DataError in DataLoader worker
+# process 0" and a traceback).
+_WORKER_ERROR = "__lcv_worker_error__"
+_USER_ERRORS = {"DataError": DataError, "DataConfigError": DataConfigError}
+
+
+def _errors_as_items(batches: Iterator) -> Iterator:
+    try:
+        yield from batches
+    except (DataError, DataConfigError) as e:
+        yield _WORKER_ERROR, (type(e).__name__, str(e))
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGINT/SIGUSR1: SLURM, torchrun and a terminal's Ctrl-C signal the
+    whole process group, and the trainer (which gets the same signal) decides when to stop; a worker that
+    died of it would crash the trainer instead of letting it checkpoint. The trainer shuts workers down."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _identity(item):
@@ -126,6 +149,7 @@ class VideoLoader:
             pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
             timeout=float(self.cfg.worker_timeout_s),
             collate_fn=_identity,  # items are finished batches; keep tuples/lists exactly as built
+            worker_init_fn=_ignore_stop_signals,
         )
         return iter(self._dl)
 
@@ -137,8 +161,11 @@ class VideoLoader:
         if self._it is None:
             self._it = self._start()
         batch, info = next(self._it)
-        while batch is None:  # the end of a finite reader: its final counts, no batch
-            self._readers[int(info["worker"])] = info
+        while batch is None or isinstance(batch, str):
+            if batch == _WORKER_ERROR:  # a worker's DataError: stop the workers, raise it here as itself
+                self.close()
+                raise _USER_ERRORS[info[0]](info[1])
+            self._readers[int(info["worker"])] = info  # the end of a finite reader: its final counts, no batch
             batch, info = next(self._it)
         dt = time.perf_counter() - t0
         self._wait_s += dt

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import math
+import os
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -152,6 +153,13 @@ def _number(meta: dict, key: str) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
+def _local_size(url: str) -> Optional[int]:
+    """The size of a local shard file; None for pipes and URLs."""
+    if url.startswith("pipe:") or not os.path.isfile(url):
+        return None
+    return os.path.getsize(url)
+
+
 def _read_one(unit: Unit) -> Optional[dict[str, Any]]:
     it = iter_unit(dataclasses.replace(unit, count=1))
     try:
@@ -202,12 +210,18 @@ class _Stream:
             try:
                 raw = next(self._it)
             except StopIteration:
+                if units[self.unit_pos].count is None:
+                    self.r._unindexed_done(units[self.unit_pos], self.in_unit)
                 self._it, self.unit_pos, self.in_unit = None, self.unit_pos + 1, 0
                 continue
             except TruncatedShard as e:
+                unit, got = units[self.unit_pos], self.in_unit
                 self._it, self.unit_pos, self.in_unit = None, self.unit_pos + 1, 0
-                self.r._count("read", e.missing)
-                self.r._bad("truncated_tar", e.url, "[rest of unit]", e.detail, n=e.missing)
+                if unit.count is None:
+                    self.r._unindexed_lost(unit, got, e)
+                else:
+                    self.r._count("read", e.missing)
+                    self.r._bad("truncated_tar", e.url, "[rest of unit]", e.detail, n=e.missing)
                 continue
             ref = (self.s, self.epoch, self.unit_pos, self.in_unit)
             self.in_unit += 1
@@ -308,6 +322,50 @@ class Reader:
             log.warning("data: more %s samples skipped; not logging each any more (see metrics)", reason)
         self._logged[reason] = k + 1
         self._check_bad(url, key)
+
+    # ------------------------------------------------------------------ shards without an index
+    # How many samples an unreadable shard without an index lost is not written anywhere, so it is
+    # estimated from the shards this reader read to the end: by bytes for local files (samples per byte),
+    # by shard for pipes and URLs (samples per shard), less what was read before the failure, and at least
+    # one per failed shard. The estimate is revised as more shards complete; every increase counts as
+    # truncated_tar samples read and lost (so against data.max_bad_fraction).
+    def _unindexed_done(self, unit: Unit, got: int) -> None:
+        self._count("unindexed/shards_ok")
+        self._count("unindexed/samples_ok", got)
+        size = _local_size(unit.url)
+        if size is not None:
+            self._count("unindexed/bytes_ok", size)
+            self._count("unindexed/samples_ok_local", got)
+        self._recount_lost(unit.url, "revised with a shard read to its end")
+
+    def _unindexed_lost(self, unit: Unit, got: int, e: TruncatedShard) -> None:
+        size = _local_size(unit.url)
+        if size is not None:
+            self._count("unindexed/lost_bytes", size)
+        else:
+            self._count("unindexed/lost_remote")
+        self._count("unindexed/lost_shards")
+        self._count("unindexed/lost_got", got)
+        self._recount_lost(unit.url, e.detail)
+
+    def _lost_estimate(self) -> int:
+        c = self.state.counters
+        shards_ok, bytes_ok = c.get("unindexed/shards_ok", 0), c.get("unindexed/bytes_ok", 0)
+        per_shard = c.get("unindexed/samples_ok", 0) / shards_ok if shards_ok else 0.0
+        per_byte = c.get("unindexed/samples_ok_local", 0) / bytes_ok if bytes_ok else 0.0
+        local_shards = c.get("unindexed/lost_shards", 0) - c.get("unindexed/lost_remote", 0)
+        expected = (c.get("unindexed/lost_bytes", 0) * per_byte if per_byte else local_shards * per_shard)
+        expected += c.get("unindexed/lost_remote", 0) * per_shard
+        return max(c.get("unindexed/lost_shards", 0), round(expected) - c.get("unindexed/lost_got", 0))
+
+    def _recount_lost(self, url: str, detail: str) -> None:
+        if self._quiet or not self.state.counters.get("unindexed/lost_shards"):
+            return
+        more = self._lost_estimate() - self.state.counters.get("unindexed/lost_counted", 0)
+        if more > 0:
+            self._count("unindexed/lost_counted", more)
+            self._count("read", more)
+            self._bad("truncated_tar", url, "[shard without index, estimated]", detail, n=more)
 
     def _check_bad(self, url: str, key: str) -> None:
         c = self.state.counters

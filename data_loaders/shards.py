@@ -170,12 +170,27 @@ def _is_url(s: str) -> bool:
     return bool(urlparse(s).scheme) and not os.path.exists(s) and len(urlparse(s).scheme) > 1
 
 
-def _join(base: str, rel: str) -> str:
-    if _is_url(rel) or os.path.isabs(rel):
-        return rel
+def _shard_in_folder(base: str, rel: Any, where: str) -> str:
+    """The location of shard ``rel`` listed by the index of folder ``base``: it must stay inside that folder.
+
+    An index comes with downloaded data, so what it lists is a plain relative path: never ``pipe:`` (which
+    would run a command), a URL, an absolute path, ``..``, or (for a local folder) a symlink out of it.
+    ``pipe:`` and URLs remain available where the user types them, in ``data.shards``.
+    """
+    p = rel if isinstance(rel, str) else ""
+    norm = posixpath.normpath(p.replace("\\", "/")) if p else ""
+    if (not p or "\0" in p or urlparse(p).scheme or ":" in p.split("/")[0] or posixpath.isabs(norm) or os.path.isabs(p)
+            or norm == ".." or norm.startswith("../")):
+        raise DataError(f"{where}: shard path {rel!r} leaves the data folder; an index may only list relative "
+                        f"paths inside its folder (pipe: commands and URLs belong in data.shards itself)")
     if _is_url(base):
-        return posixpath.join(base, rel)
-    return os.path.join(base, rel)
+        return posixpath.join(base, norm)
+    path = os.path.join(base, norm)
+    root = os.path.realpath(base)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise DataError(f"{where}: shard path {rel!r} is a link that leaves the data folder {base}; copy the "
+                        f"shard into the folder")
+    return path
 
 
 def read_index(location: str) -> Optional[dict]:
@@ -225,7 +240,8 @@ def resolve_shards(entries: list[str], key: str) -> list[ShardInfo]:
                 raise DataError(f"{ekey}: index {entry} is not complete (an interrupted pack/synth/encode?)")
             base = entry if os.path.isdir(entry) else (posixpath.dirname(entry) if _is_url(entry) else os.path.dirname(entry))
             for s in index["shards"]:
-                out.append(ShardInfo(_join(base, s["path"]), int(s["count"]), s.get("offsets")))
+                out.append(ShardInfo(_shard_in_folder(base, s.get("path"), f"{ekey}: index {entry}"), int(s["count"]),
+                                     s.get("offsets")))
         else:
             urls = list(wds.shardlists.expand_urls(entry)) if "{" in entry else [entry]
             if not _is_url(entry) and not entry.startswith("pipe:"):

@@ -11,11 +11,11 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lcv_train.errors import CheckpointError, ConfigError
+from lcv_train.errors import CheckpointError, ConfigError, TrainingDiverged
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError]
     try:
         from data_loaders.config import DataConfigError, DataError
 

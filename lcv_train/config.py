@@ -9,6 +9,7 @@ Sections owned elsewhere are validated by their owners: ``data`` (``data_loaders
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def validate(self) -> "OptimConfig":
+        for key in ("lr", "weight_decay", "eps", "grad_clip"):
+            value = getattr(self, key)
+            require(math.isfinite(value), f"optim.{key}", f"must be a finite number, got {value}")
         require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
               f"must be two numbers in [0, 1), got {self.betas}")
@@ -83,6 +87,7 @@ class TrainerConfig:
     sample_at_end: bool = True
     sample_every: int = 0  # also write a sample every k steps (0: only at the end)
     init_from: str | None = None  # a published LongCat-Video folder (or a dit/ folder) to start from
+    skip_nonfinite_steps: int = 3  # NaN/inf loss or grad norm: skip up to this many steps in a row, then stop
 
     def validate(self) -> "TrainerConfig":
         require(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
@@ -90,6 +95,8 @@ class TrainerConfig:
         require(self.log_every >= 1, "trainer.log_every", f"must be >= 1, got {self.log_every}")
         require(self.checkpoint_every >= 1, "trainer.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         require(self.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {self.keep_last}")
+        require(self.skip_nonfinite_steps >= 0, "trainer.skip_nonfinite_steps",
+                f"must be >= 0 (0 = stop at the first non-finite step), got {self.skip_nonfinite_steps}")
         require(self.sample_every >= 0, "trainer.sample_every", f"must be >= 0 (0 = off), got {self.sample_every}")
         require(self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto|cpu|cuda, got {self.device!r}")
         return self

@@ -9,6 +9,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint or weight file is missing, incomplete or does not match the model."""
 
 
+class TrainingDiverged(RuntimeError):
+    """Training produced non-finite values (NaN/inf) past what the skip policy allows; names the step."""
+
+
 def require(ok: bool, key: str, what: str) -> None:
     """Raise ``ConfigError("<key>: <what>")`` unless ``ok``: the one way config checks report."""
     if not ok:

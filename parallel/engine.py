@@ -94,19 +94,31 @@ class TorchEngine:
             sq = sq_tp + sq_rep
         return math.sqrt(float(sq)), [p.grad for p in params]
 
+    # A non-finite gradient norm (the same number on every rank) skips the update: the weights stay finite.
+    can_skip_nonfinite = True
+
     def step(self) -> float:
+        """Clip and apply the accumulated gradients; return their global norm. When the norm is NaN/inf the
+        update is skipped (gradients dropped, optimizer untouched) on every rank alike."""
         if self.tp_group is not None:
             from parallel.tensor_parallel import sum_partial_tp_grads
 
             sum_partial_tp_grads(self.model, self.tp_group)
         norm, grads = self.grad_norm()
-        if self.grad_clip and self.grad_clip > 0 and math.isfinite(norm):
+        if not math.isfinite(norm):
+            self.skip_step()
+            return norm
+        if self.grad_clip and self.grad_clip > 0:
             coef = self.grad_clip / (norm + 1e-6)
             if coef < 1.0:
                 torch._foreach_mul_([_local(g) for g in grads], coef)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def skip_step(self) -> None:
+        """Drop the accumulated gradients without an update."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
         """``{"model", "optim"}`` from ``get_state_dict``: DTensor shards under FSDP (DCP reshards on load

@@ -106,6 +106,9 @@ class ZeroEngine:
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # DeepSpeed counts micro-steps in step(); no optimizer step happens here
 
+    # DeepSpeed clips and updates in one call, so a non-finite step cannot be skipped: the trainer stops.
+    can_skip_nonfinite = False
+
     def step(self) -> float:
         self.ds.step()
         norm = self.ds.get_global_grad_norm()

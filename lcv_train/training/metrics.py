@@ -43,6 +43,7 @@ class MetricsLogger:
         self.bar = None
         if rank != 0:
             return
+        keep_rows_up_to(run_dir / "metrics.jsonl", start_step)  # a resumed run re-runs the steps after it
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         if cfg.kind == "wandb":
             mode = cfg.mode
@@ -82,6 +83,27 @@ class MetricsLogger:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the rows of ``path`` (metrics.jsonl) after ``step``, atomically (a new file renamed over it):
+    after a resume from step N, the steps after N are trained again and must not appear twice."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            continue  # a row torn by a kill mid-write
+        if row_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept == lines:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -26,6 +26,7 @@ from lcv_train.stages import StageBatch, build_stage
 from lcv_train.training.checkpoint import Checkpointer, rng_state, set_rng_state
 from lcv_train.training.ema import EMA, build_ema
 from lcv_train.training.metrics import MetricsLogger, setup_logging
+from lcv_train.training.nonfinite import NonFiniteGuard
 from lcv_train.training.schedule import build_lr_scheduler
 from parallel import build_engine, init_distributed, parallelize_model
 
@@ -121,6 +122,7 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.engine.optimizer, cfg.schedule, cfg.trainer.max_steps)
         self.ema = build_ema(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
         self.progress = Progress()
+        self.nonfinite = NonFiniteGuard(cfg.trainer.skip_nonfinite_steps, self.engine.can_skip_nonfinite, self.device)
 
         self.loader = self._build_loader(data_cfg)
         # Noise differs across data-parallel replicas but not across the cp/tp ranks of one replica,
@@ -255,6 +257,7 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.progress.step)
 
     def save_checkpoint(self) -> Path:
+        self.nonfinite.check_weights(self.model, self.progress.step)
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state(), "noise_gen": self.noise_gen.get_state()}
         path = self.checkpointer.save(self.progress.step, self._state(), rank_state, self._meta())
         log.info("saved checkpoint %s", path)
@@ -277,7 +280,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         wait = 0.0
-        loss_sum, tokens, grid = 0.0, 0, (0, 0, 0)
+        loss_sum, tokens, grid = torch.zeros((), device=self.device), 0, (0, 0, 0)
         self.model.train()
         for _ in range(cfg.trainer.grad_accum):
             tw = time.perf_counter()
@@ -287,17 +290,24 @@ class Trainer:
             with self.engine.autocast():
                 loss, _ = self.stage.loss(self.model, sb, self.noise_gen)
             self.engine.backward(loss / cfg.trainer.grad_accum)
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach().float()  # on the device: no host sync per micro-batch
             B, _, T, H, W = sb.latents.shape
             grid = self._core_model().token_grid((T, H, W))
             tokens += B * math.prod(grid)
-        grad_norm = self.engine.step()
+        loss_value = float(loss_sum) / cfg.trainer.grad_accum
+        loss_finite = self.nonfinite.loss_is_finite(loss_value)
+        if loss_finite or not self.engine.can_skip_nonfinite:
+            grad_norm = self.engine.step()  # skips the update itself when the norm is not finite
+        else:
+            grad_norm = float("nan")
+            self.engine.skip_step()
         self.lr_scheduler.step()
         self.progress.step += 1
-        if self.ema is not None and self.progress.step % cfg.ema.every == 0:
+        skipped = self.nonfinite.after_step(self.progress.step, loss_value, grad_norm, loss_finite)
+        if self.ema is not None and self.progress.step % cfg.ema.every == 0 and not skipped:
             self.ema.update()
         dt = time.perf_counter() - t0
-        return {"train/loss": loss_sum / cfg.trainer.grad_accum, "train/grad_norm": grad_norm,
+        return {"train/loss": loss_value, "train/grad_norm": grad_norm, "train/skipped_steps": self.nonfinite.skipped,
                 "train/lr": self.lr_scheduler.get_last_lr()[0], "perf/step_time_s": dt,
                 "perf/data_wait_s": wait, "perf/tokens": tokens, "perf/grid": grid}
 
@@ -392,6 +402,7 @@ class Trainer:
                 sample_path = self.write_sample()
         finally:
             metrics_logger.close()
+            self.loader.close()  # workers ignore SIGTERM (the trainer decides), so stop them explicitly
         summary = {"step": self.progress.step, "first_loss": first_loss, "run_dir": str(self.run_dir),
                    "sample": str(sample_path) if sample_path else None, "history": self.history}
         if self.rank == 0:
