@@ -118,7 +118,7 @@ class Trainer:
         o = cfg.optim
         self.engine = build_engine(self.model, {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
                                                 "eps": o.eps}, self.dims, cfg.parallel, grad_clip=o.grad_clip,
-                                   grad_accum_steps=cfg.trainer.grad_accum)
+                                   grad_accum_steps=cfg.trainer.grad_accum, save_frozen=not cfg.lora.rank)
         self.lr_scheduler = build_lr_scheduler(self.engine.optimizer, cfg.schedule, cfg.trainer.max_steps)
         self.ema = build_ema(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
         self.progress = Progress()
