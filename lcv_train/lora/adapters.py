@@ -48,7 +48,8 @@ class LoRAConfig:
     multiplier: float = 1.0
 
     def validate(self, prefix: str = "lora") -> "LoRAConfig":
-        require(isinstance(self.rank, int) and self.rank > 0, f"{prefix}.rank", f"must be a positive int, got {self.rank!r}")
+        require(isinstance(self.rank, int) and self.rank > 0, f"{prefix}.rank",
+                f"must be a positive int, got {self.rank!r}")
         require(self.alpha > 0, f"{prefix}.alpha", f"must be > 0, got {self.alpha!r}")
         require(len(self.targets) > 0 and all(isinstance(t, str) and t for t in self.targets), f"{prefix}.targets",
                 f"must be a non-empty list of module-name patterns, got {self.targets!r}")
@@ -116,12 +117,15 @@ class LoRALinear(nn.Linear):
     def unmerge(self) -> None:
         """Take back exactly what ``merge`` added (up to the base dtype's rounding)."""
         if self.lora_merged_scale is not None:
-            self.weight.copy_((self.weight.float() - self.lora_merged_scale * self.delta_weight()).to(self.weight.dtype))
+            w = self.weight.float() - self.lora_merged_scale * self.delta_weight()
+            self.weight.copy_(w.to(self.weight.dtype))
             self.lora_merged_scale = None
 
 
 def fused_parts(module_name: str) -> int:
-    return next((n for suffix, n in FUSED_PARTS.items() if module_name == suffix or module_name.endswith("." + suffix)), 1)
+    """How many projections a layer fuses (``FUSED_PARTS``; 1 for every other layer)."""
+    return next((n for suffix, n in FUSED_PARTS.items() if module_name == suffix or module_name.endswith("." + suffix)),
+                1)
 
 
 def attach_lora(linear: nn.Linear, rank: int, parts: int = 1, alpha_scale: float = 0.5,

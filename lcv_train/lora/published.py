@@ -26,11 +26,13 @@ from lcv_train.lora.adapters import LoRALinear, attach_lora, lora_modules
 
 PREFIX = "lora___lorahyphen___"
 HYPHEN = "___lorahyphen___"
-_KEY = re.compile(r"^(?P<module>[^.]+)\.(?P<tensor>lora_down\.weight|lora_up\.weight|lora_up\.blocks\.(?P<i>\d+)\.weight|alpha_scale)$")
+_KEY = re.compile(r"^(?P<module>[^.]+)\."
+                  r"(?P<tensor>lora_down\.weight|lora_up\.weight|lora_up\.blocks\.(?P<i>\d+)\.weight|alpha_scale)$")
 
 
 def published_module_key(module_name: str) -> str:
-    """``blocks.0.attn.qkv`` -> ``lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv``."""
+    """``blocks.0.attn.qkv`` ->
+    ``lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv``."""
     return PREFIX + module_name.replace(".", HYPHEN)
 
 
@@ -43,10 +45,12 @@ def module_name_of(key: str) -> str:
 
 def published_lora_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's adapters in the published layout (``dtype`` for the weights; ``alpha_scale`` stays fp32)."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", dtype or t.dtype).contiguous()
+
     out: dict[str, torch.Tensor] = {}
     for name, m in lora_modules(model).items():
         key = published_module_key(name)
-        cast = (lambda t: t.detach().to("cpu", dtype or t.dtype).contiguous())
         out[f"{key}.lora_down.weight"] = cast(m.lora_down.weight)
         if m.lora_parts > 1:
             for i, w in enumerate(m.up_weights()):

@@ -167,7 +167,8 @@ def test_hand_written_published_file_matches_closed_form(tmp_path):
     pre = "lora___lorahyphen___blocks___lorahyphen___1___lorahyphen___"
     sd = {
         pre + "attn___lorahyphen___qkv.lora_down.weight": torch.randn(3 * r, 64, generator=g),
-        **{pre + f"attn___lorahyphen___qkv.lora_up.blocks.{i}.weight": torch.randn(64, r, generator=g) for i in range(3)},
+        **{pre + f"attn___lorahyphen___qkv.lora_up.blocks.{i}.weight": torch.randn(64, r, generator=g)
+           for i in range(3)},
         pre + "attn___lorahyphen___qkv.alpha_scale": torch.tensor(scale),
         pre + "cross_attn___lorahyphen___kv_linear.lora_down.weight": torch.randn(2 * r, 64, generator=g),
         **{pre + f"cross_attn___lorahyphen___kv_linear.lora_up.blocks.{i}.weight": torch.randn(64, r, generator=g)
