@@ -17,6 +17,7 @@ from typing import Any
 
 from lcv_train.diffusion import FlowMatchingConfig
 from lcv_train.errors import ConfigError, require
+from lcv_train.lora import LoRAConfig
 from lcv_train.model.config import DiTConfig
 from lcv_train.sampling import SamplerConfig
 from parallel.config import ParallelConfig
@@ -166,6 +167,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=0))  # rank 0: no LoRA
     # Validated by their owners (data_loaders, lcv_train.encoders).
     data: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
@@ -178,6 +180,14 @@ class TrainConfig:
             part.validate()
         self.parallel.validate()
         require(self.sample.steps >= 1, "sample.steps", f"must be >= 1, got {self.sample.steps}")
+        require(isinstance(self.lora.rank, int) and self.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = no LoRA)")
+        if self.lora.rank:
+            self.lora.validate()
+            require(self.parallel.engine == "fsdp" and self.parallel.tp == 1, "lora.rank",
+                    f"LoRA runs need parallel.engine=fsdp and parallel.tp=1 (got engine={self.parallel.engine}, "
+                    f"tp={self.parallel.tp}): ZeRO and tensor parallelism are not supported with LoRA")
+            require(self.stage.trainable == "all", "stage.trainable",
+                    f"must be all with lora.rank > 0 (LoRA trains only its adapters), got {self.stage.trainable!r}")
         return self
 
 

@@ -62,11 +62,14 @@ def check_compatible(expected: dict, loaded: dict) -> None:
 class TorchEngine:
     """Plain PyTorch (one process), FSDP2/HSDP (the model arrives sharded by ``parallelize_model``), and
     tensor parallel (``tp_group``: the gradient norm then adds up the TP-split parameters across TP ranks
-    and counts the replicated ones once)."""
+    and counts the replicated ones once). ``save_frozen=False``: checkpoints leave out parameters that do not
+    train (a LoRA run's base, rebuilt from ``trainer.init_from`` at every start)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, grad_clip: float = 1.0,
-                 autocast_dtype: torch.dtype | None = None, device: torch.device | None = None, tp_group=None):
+                 autocast_dtype: torch.dtype | None = None, device: torch.device | None = None, tp_group=None,
+                 save_frozen: bool = True):
         self.model = model
+        self.save_frozen = save_frozen
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.autocast_dtype = autocast_dtype
@@ -126,6 +129,7 @@ class TorchEngine:
         (see ``parallel.tensor_parallel.tag_tp_keys``) so DCP keeps every TP rank's part: such checkpoints
         load only with the same tp."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd = self._saved(model_sd)
         if self.tp_group is not None:
             from parallel.tensor_parallel import tag_tp_keys
 
@@ -138,8 +142,18 @@ class TorchEngine:
             from parallel.tensor_parallel import untag_tp_keys
 
             model_sd, optim_sd = untag_tp_keys(self.model, model_sd, optim_sd, self.tp_group)
-        check_compatible(get_model_state_dict(self.model), model_sd)
-        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        check_compatible(self._saved(get_model_state_dict(self.model)), model_sd)
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(strict=self.save_frozen))
+
+    def _saved(self, model_sd: dict) -> dict:
+        """What of the model a checkpoint holds: everything, or (``save_frozen=False``) the trainable tensors."""
+        if self.save_frozen:
+            return model_sd
+        from parallel.parallelize import canonical_name
+
+        frozen = {canonical_name(n) for n, p in self.model.named_parameters() if not p.requires_grad}
+        return {k: v for k, v in model_sd.items() if k not in frozen}
 
     def full_model_state_dict(self) -> dict:
         """Unsharded model weights in the published layout, on CPU, on rank 0 (others get ``{}``; collective:
@@ -161,14 +175,15 @@ def _config_of(model):
 
 
 def build_engine(model: torch.nn.Module, optimizer_cfg, dims, cfg, grad_clip: float = 1.0, *,
-                 grad_accum_steps: int = 1):
+                 grad_accum_steps: int = 1, save_frozen: bool = True):
     """The engine for ``cfg.engine``: ``TorchEngine`` (fsdp/single) or ``ZeroEngine`` (zero2/zero3).
 
     ``model`` is what ``parallelize_model`` returned. ``optimizer_cfg`` is either a built
     ``torch.optim.Optimizer`` (torch engine only) or a mapping with AdamW settings
     ``lr, betas, weight_decay, eps`` (both engines; DeepSpeed builds its own optimizer from it).
     ``grad_accum_steps``: how many ``backward`` calls precede each ``step`` (DeepSpeed must know; the
-    caller divides the loss by it for every engine)."""
+    caller divides the loss by it for every engine). ``save_frozen``: see ``TorchEngine`` (ZeRO never saves
+    frozen parameters)."""
     autocast = torch.bfloat16 if (cfg.mixed_precision == "bf16" and dims.device.type == "cuda") else None
     if cfg.engine in ("zero2", "zero3"):
         from parallel.zero import ZeroEngine
@@ -182,4 +197,4 @@ def build_engine(model: torch.nn.Module, optimizer_cfg, dims, cfg, grad_clip: fl
                                       betas=tuple(o.get("betas", (0.9, 0.999))),
                                       weight_decay=o.get("weight_decay", 0.0), eps=o.get("eps", 1e-8))
     return TorchEngine(model, optimizer, grad_clip=grad_clip, autocast_dtype=autocast, device=dims.device,
-                       tp_group=dims.group("tp") if dims.tp > 1 else None)
+                       tp_group=dims.group("tp") if dims.tp > 1 else None, save_frozen=save_frozen)

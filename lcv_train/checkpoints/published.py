@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lcv_train.errors import CheckpointError
+from lcv_train.lora import is_lora_name
 from lcv_train.model.config import DiTConfig
 
 log = logging.getLogger("lcv_train")
@@ -82,11 +83,11 @@ def _published_shapes(d: Path) -> dict[str, tuple[int, ...]]:
 
 def _model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) shapes of the model's parameters and buffers; works on meta, FSDP2 (DTensor) and
-    ZeRO-3-partitioned (``ds_shape``) models."""
+    ZeRO-3-partitioned (``ds_shape``) models. LoRA adapters are not part of the published DiT: left out."""
     from parallel.parallelize import canonical_name
 
     tensors = list(model.named_parameters()) + list(model.named_buffers())
-    return {canonical_name(k): tuple(getattr(v, "ds_shape", v.shape)) for k, v in tensors}
+    return {canonical_name(k): tuple(getattr(v, "ds_shape", v.shape)) for k, v in tensors if not is_lora_name(k)}
 
 
 def check_published_dit(model: torch.nn.Module, path: str | Path) -> Path:
@@ -102,6 +103,10 @@ def check_published_dit(model: torch.nn.Module, path: str | Path) -> Path:
             raise CheckpointError(f"{d / 'config.json'}: {key}={getattr(have, key)} but model.{key}="
                                   f"{getattr(want, key)}; use model=longcat-13.6b (or matching overrides)")
     shapes, own = _published_shapes(d), _model_shapes(model)
+    lora = sorted(k for k in shapes if is_lora_name(k))
+    if lora:
+        raise CheckpointError(f"{d}: {lora[0]!r} is a LoRA weight, not a DiT weight; is this a LoRA file? load it "
+                              f"with lcv_train.lora.load_published_lora(model, file)")
     missing = sorted(set(own) - set(shapes))
     if missing:
         raise CheckpointError(f"{d}: weight {missing[0]!r} is missing ({len(missing)} missing in all)")
@@ -111,7 +116,7 @@ def check_published_dit(model: torch.nn.Module, path: str | Path) -> Path:
     unexpected = sorted(set(shapes) - set(own))
     if unexpected:
         raise CheckpointError(f"{d}: unexpected weight {unexpected[0]!r} ({len(unexpected)} in all); is this a "
-                              f"LoRA file? load it with the LoRA loader instead")
+                              f"LoRA file? load it with lcv_train.lora.load_published_lora(model, file)")
     if want.attention == "bsa":
         for line in bsa_differences(have, want):
             log.warning("%s: %s", d / "config.json", line)
@@ -134,11 +139,13 @@ def bsa_differences(published: DiTConfig, model: DiTConfig) -> list[str]:
 def load_published_dit(model: torch.nn.Module, path: str | Path) -> None:
     """Copy published weights into ``model`` (a plain, unsharded ``LongCatDiT``), strictly (checked first by
     ``check_published_dit``). Sharded models are filled tensor by tensor instead: see the trainer's
-    ``_build_model`` (``parallel.fsdp.fill_shards``, ``parallel.zero.fill_zero3``)."""
+    ``_build_model`` (``parallel.fsdp.fill_shards``, ``parallel.zero.fill_zero3``). LoRA adapters, if any,
+    are left as they are."""
     d = check_published_dit(model, path)
-    own = model.state_dict()
+    own = {k: v for k, v in model.state_dict().items() if not is_lora_name(k)}
     sd = load_published_state_dict(d)
-    model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, strict=True)
+    missing, unexpected = model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, strict=False)
+    assert not unexpected and all(is_lora_name(k) for k in missing), (missing, unexpected)
 
 
 def export_published_dit(state_dict: dict[str, torch.Tensor], config: DiTConfig, out: str | Path,

@@ -217,7 +217,13 @@ class FinalLayer(nn.Module):
 def init_rule(name: str, shape) -> tuple:
     """How parameter ``name`` (published name) starts: Xavier-uniform linears and patch embedding, N(0, 0.02)
     timestep MLP, AdaLN-Zero (modulations and the output projection at zero), zero biases, unit norms.
+    LoRA adapters (``lcv_train.lora``): ``lora_up`` at zero (so an added adapter changes nothing) and
+    ``lora_down`` Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     Returns ``("zeros",)``, ``("ones",)``, ``("normal", std)`` or ``("uniform", bound)``."""
+    if ".lora_up." in name:
+        return ("zeros",)
+    if ".lora_down." in name:
+        return ("uniform", 1.0 / math.sqrt(math.prod(shape[1:])))
     if name.endswith(".bias") or ".adaLN_modulation." in name or name.startswith("final_layer.linear."):
         return ("zeros",)
     if len(shape) == 1:

@@ -4,9 +4,9 @@ from lcv_train.stages.base import Stage, StageBatch
 from lcv_train.stages.flow_matching import FlowMatchingStage
 
 
-def build_stage(cfg, diffusion_cfg, model_cfg) -> Stage:
+def build_stage(cfg, diffusion_cfg, model_cfg, lora_cfg=None) -> Stage:
     if cfg.kind == "flow_matching":
-        return FlowMatchingStage(cfg, diffusion_cfg, model_cfg.patch_size)
+        return FlowMatchingStage(cfg, diffusion_cfg, model_cfg.patch_size, lora_cfg)
     raise ValueError(f"stage.kind: unknown {cfg.kind!r}")
 
 

@@ -27,12 +27,19 @@ class StageBatch:
 class Stage(abc.ABC):
     name: str = "stage"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, lora=None):
         self.cfg = cfg
         self.name = cfg.name
+        self.lora = lora if lora is not None and lora.rank else None  # a LoRAConfig, or None
 
     def prepare(self, model: torch.nn.Module) -> None:
-        """Freeze what does not train. ``cfg.trainable``: "all" or a regex over parameter names."""
+        """Before parallelisation: freeze what does not train (``cfg.trainable``: "all" or a regex over
+        parameter names), or, with a LoRA config, add the adapters and freeze the base (``lcv_train.lora``)."""
+        if self.lora is not None:
+            from lcv_train.lora import add_lora
+
+            add_lora(model, self.lora)
+            return
         pattern = self.cfg.trainable
         if pattern == "all":
             return

@@ -13,8 +13,8 @@ from lcv_train.stages.base import Stage, StageBatch
 
 
 class FlowMatchingStage(Stage):
-    def __init__(self, cfg, diffusion_cfg, patch_size):
-        super().__init__(cfg)
+    def __init__(self, cfg, diffusion_cfg, patch_size, lora=None):
+        super().__init__(cfg, lora)
         self.diffusion = diffusion_cfg
         self.patch_size = patch_size
 

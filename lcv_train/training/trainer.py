@@ -7,6 +7,7 @@ data loader, RNGs, step) is saved by ``Checkpointer``; resume is one call.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -113,12 +114,12 @@ class Trainer:
                               f"model.in_channels={cfg.model.in_channels}")
         data_cfg = self._data_config()
 
-        self.stage = build_stage(cfg.stage, cfg.diffusion, cfg.model)
+        self.stage = build_stage(cfg.stage, cfg.diffusion, cfg.model, cfg.lora)
         self.model = self._build_model()
         o = cfg.optim
         self.engine = build_engine(self.model, {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
                                                 "eps": o.eps}, self.dims, cfg.parallel, grad_clip=o.grad_clip,
-                                   grad_accum_steps=cfg.trainer.grad_accum)
+                                   grad_accum_steps=cfg.trainer.grad_accum, save_frozen=not cfg.lora.rank)
         self.lr_scheduler = build_lr_scheduler(self.engine.optimizer, cfg.schedule, cfg.trainer.max_steps)
         self.ema = build_ema(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
         self.progress = Progress()
@@ -178,7 +179,9 @@ class Trainer:
             model.to_empty(device="cpu" if pcfg.cpu_offload else self.device)
         if init_from:
             full = load_published_state_dict(source) if self.rank == 0 else None
-            value = lambda name, p: full[name]  # noqa: E731  (called on rank 0 only)
+            # (called on rank 0 only; added LoRA adapters are not in the published file: drawn like a seeded start)
+            value = lambda name, p: full[name] if name in full else initial_parameter(  # noqa: E731
+                name, p.shape, seed, self.device, p.dtype)
         else:
             value = lambda name, p: initial_parameter(name, p.shape, seed, self.device, p.dtype)  # noqa: E731
         if fsdp:
@@ -230,7 +233,12 @@ class Trainer:
                 "ema": _EMAState(self.ema, self.model, tp_group), "progress": self.progress}
 
     def _meta(self) -> dict:
-        return {"model": self.cfg.model.to_json_dict(), "stage": self.cfg.stage.name}
+        meta = {"model": self.cfg.model.to_json_dict(), "stage": self.cfg.stage.name}
+        if self.cfg.lora.rank:  # lcv-export reads these to rebuild, merge or write the LoRA
+            init_from = self.cfg.trainer.init_from
+            meta.update(lora=dataclasses.asdict(self.cfg.lora),
+                        init_from=str(Path(init_from).expanduser().resolve()) if init_from else None)
+        return meta
 
     def _resume(self) -> None:
         choice = self.cfg.trainer.resume
