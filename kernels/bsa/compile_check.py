@@ -119,8 +119,9 @@ def representative_args(cfg: KernelConfig):
     elif cfg.kernel == "bwd_dq":
         args = tk.dq_args(q, k, v, do, g1, lse, delta, valid, valid, idx, cnt, scale)
     else:
-        q_ids, off, qcnt = t(B * H * n * K, dtype=torch.int32), t(B * H * n, dtype=torch.int32), t(B * H * n, dtype=torch.int32)
-        args = tk.dkdv_args(q, k, v, do, g1, g2, lse, delta, valid, valid, q_ids, off, qcnt, scale)
+        q_ids = t(B * H * n * K, dtype=torch.int32)
+        off, qcnt, order = (t(B * H * n, dtype=torch.int32) for _ in range(3))
+        args = tk.dkdv_args(q, k, v, do, g1, g2, lse, delta, valid, valid, q_ids, off, qcnt, order, scale)
     return tk.KERNELS[cfg.kernel], args, {"BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d, "PREC": cfg.prec}
 
 

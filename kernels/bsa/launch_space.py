@@ -19,9 +19,9 @@ The space (documented in the README's Kernels section):
   launch option and the compile test checks it compiles and fits shared memory, reports its spills and does
   not fail on them (``SPILLS_ALLOWED``); it is compiled by a slow-marked test (large kernels, ~10 s each).
 * launch options ``(num_warps, num_stages)``, autotuned per kernel, dtype, tile and GPU on first use, from
-  ``LAUNCH_16BIT`` (chosen from ptxas reports: these are the candidates that do not spill at head_dim 128;
-  4 warps spill in both backward kernels, and on sm_80 the dk/dv kernel spills with 2 stages). GPUs other
-  than sm_90 use the sm_80 list. Under ``TRITON_INTERPRET=1`` the first entry is used and nothing is tuned.
+  ``LAUNCH_16BIT`` (chosen from ptxas reports at head_dim 128, bf16: the candidates that do not spill.
+  4 warps spill in the dk/dv kernel on both targets and in dq on sm_80; 2 stages spill in dk/dv on sm_80;
+  3 stages fit but add nothing over 2 for these short gather loops). GPUs other than sm_90 use the sm_80 list. Under ``TRITON_INTERPRET=1`` the first entry is used and nothing is tuned.
 """
 
 from __future__ import annotations

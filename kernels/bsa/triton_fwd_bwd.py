@@ -11,9 +11,11 @@ Layout: ``qb/kb/vb/out [B, n, bs, H, D]`` (contiguous), ``lse/delta [B, H, nq, b
   fp32 accumulators; lse in natural log.
 * backward: ``delta = rowsum(dout * out) - dlse`` (so a gradient w.r.t. lse is supported), then
   - dq: one program per (query block, batch*head), iterating over its listed key blocks;
-  - dk/dv: one program per (key block, batch*head), iterating over the query blocks that listed it. That
+  - dk/dv: one program per (batch*head, key block), iterating over the query blocks that listed it. That
     reverse map is built with a stable argsort of the selected (head, key block) ids plus a bincount,
-    O(B*H*nq*K) memory; no dense [nq, nk] mask is ever built.
+    O(B*H*nq*K) memory; no dense [nq, nk] mask is ever built. Programs are launched head by head, the
+    busiest key blocks of a head first (:func:`busiest_first`), so a key block chosen by most query blocks
+    does not become the launch's tail.
   Scores are always recomputed as fp32 ``dot(q, k) * scale`` (never by pre-scaling K in the input dtype).
 
 Rows with no key (``kv_count == 0`` or padded query slots) give out = 0, lse = -inf and zero gradients.
@@ -22,8 +24,8 @@ Key block ids within the first ``kv_count`` slots must be distinct (selection gu
 Tiles, dot precision and launch options come from ``launch_space`` (autotuned on a GPU, fixed under the
 interpreter); every configuration there is compiled for sm_80 and sm_90 by tests/kernels/test_compile_targets.py.
 Known limits: run on a GPU only through bench/gpu_check.sh so far; fp32 is an exact correctness path that
-spills registers on a GPU (see launch_space); the dk/dv programs' load imbalance is measured by
-bench/bsa_balance.py.
+spills registers on a GPU (see launch_space). The dk/dv load imbalance (a key block chosen by up to 15x
+the mean number of query blocks on smooth fields) is measured by bench/bsa_balance.py.
 """
 
 from __future__ import annotations
@@ -129,13 +131,15 @@ def _bsa_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QVALID, KVALID, IDX, CNT, sm
 
 
 @triton.jit
-def _bsa_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QVALID, KVALID, QIDS, QOFF, QCNT, sm_scale,
+def _bsa_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QVALID, KVALID, QIDS, QOFF, QCNT, ORDER, sm_scale,
                          s_qb, s_qn, s_qt, s_qh, s_kb, s_kn, s_kt, s_kh, s_vb, s_vn, s_vt, s_vh,
                          H, NQ, NK, BS, D,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     # Q and DO share strides; K and DK share strides; V and DV share strides.
-    kblk = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    # Program i handles slot ORDER[i] = bh * NK + key block (heads in turn, the busiest key blocks first).
+    slot = tl.load(ORDER + tl.program_id(0)).to(tl.int64)
+    kblk = slot % NK
+    bh = slot // NK
     b = bh // H
     h = bh % H
     offs_m = tl.arange(0, BLOCK_M)
@@ -149,7 +153,6 @@ def _bsa_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QVALID, KVALID, QIDS, 
     kval = tl.load(KVALID + kblk * BS + offs_m, mask=m_in, other=0) != 0
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    slot = bh * NK + kblk
     start = tl.load(QOFF + slot).to(tl.int64)
     n = tl.load(QCNT + slot)
     for i in range(0, n):
@@ -206,9 +209,9 @@ def dq_args(qb, kb, vb, dout, dq, lse, delta, qv, kvl, kv_index, kv_count, scale
             *_strides(qb), *_strides(kb), *_strides(vb), H, nq, kv_index.shape[-1], bs, D)
 
 
-def dkdv_args(qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt, scale):
+def dkdv_args(qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt, order, scale):
     B, nq, bs, H, D = qb.shape
-    return (qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt, scale,
+    return (qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt, order, scale,
             *_strides(qb), *_strides(kb), *_strides(vb), H, nq, kb.shape[1], bs, D)
 
 
@@ -247,6 +250,20 @@ def autotuned_choices() -> dict:
     """What the autotuner picked so far in this process: ``{kernel: {tuning key: (num_warps, num_stages)}}``."""
     return {name: {key: (cfg.num_warps, cfg.num_stages) for key, cfg in tuned.cache.items()}
             for name, tuned in _TUNED.items()}
+
+
+def busiest_first(counts: torch.Tensor, nk: int) -> torch.Tensor:
+    """Launch order of the dk/dv programs: heads in turn, and within a head its key blocks by decreasing
+    number of query blocks (a stable sort). ``counts [B*H*nk]`` -> program order ``[B*H*nk]`` int32.
+
+    A key block chosen by many query blocks is one long program; started last it would finish last. Longest
+    first within each head removes that tail (bench/bsa_balance.py: makespan within 0.1 % of a perfect split
+    at the published shapes) while the programs running together still share one head's Q and dO in L2.
+    """
+    per_head = counts.view(-1, nk)
+    within = torch.argsort(per_head, dim=1, descending=True, stable=True)
+    heads = torch.arange(per_head.shape[0], device=counts.device).view(-1, 1) * nk
+    return (within + heads).reshape(-1).to(torch.int32).contiguous()
 
 
 def build_reverse_map(kv_index: torch.Tensor, kv_count: torch.Tensor, nk: int):
@@ -307,8 +324,9 @@ class BlockAttentionTriton(torch.autograd.Function):
             q_ids = torch.zeros(1, dtype=torch.int32, device=qb.device)
         dk = torch.empty_like(kb)
         dv = torch.empty_like(vb)
-        _launch("bwd_dkdv", (nk, B * H),
-                dkdv_args(qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt, scale), meta, dtype)
+        _launch("bwd_dkdv", (B * H * nk,),
+                dkdv_args(qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt,
+                          busiest_first(q_cnt, nk), scale), meta, dtype)
         return dq, dk, dv, None, None, None, None, None
 
 
