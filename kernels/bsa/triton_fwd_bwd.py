@@ -13,9 +13,9 @@ Layout: ``qb/kb/vb/out [B, n, bs, H, D]`` (contiguous), ``lse/delta [B, H, nq, b
   - dq: one program per (query block, batch*head), iterating over its listed key blocks;
   - dk/dv: one program per (batch*head, key block), iterating over the query blocks that listed it. That
     reverse map is built with a stable argsort of the selected (head, key block) ids plus a bincount,
-    O(B*H*nq*K) memory; no dense [nq, nk] mask is ever built. Programs are launched head by head, the
-    busiest key blocks of a head first (:func:`busiest_first`), so a key block chosen by most query blocks
-    does not become the launch's tail.
+    O(B*H*nq*K) memory; no dense [nq, nk] mask is ever built. Programs are launched head by head, busiest
+    key blocks first (:func:`busiest_first`), so a key block chosen by most query blocks does not become
+    the launch's tail.
   Scores are always recomputed as fp32 ``dot(q, k) * scale`` (never by pre-scaling K in the input dtype).
 
 Rows with no key (``kv_count == 0`` or padded query slots) give out = 0, lse = -inf and zero gradients.
@@ -253,17 +253,18 @@ def autotuned_choices() -> dict:
 
 
 def busiest_first(counts: torch.Tensor, nk: int) -> torch.Tensor:
-    """Launch order of the dk/dv programs: heads in turn, and within a head its key blocks by decreasing
-    number of query blocks (a stable sort). ``counts [B*H*nk]`` -> program order ``[B*H*nk]`` int32.
+    """Launch order of the dk/dv programs: one head after another, the heads ordered by their busiest key
+    block and each head's key blocks by decreasing number of query blocks (stable sorts, descending).
+    ``counts [B*H*nk]`` -> program order ``[B*H*nk]`` int32 (slot ids ``bh * nk + key block``).
 
-    A key block chosen by many query blocks is one long program; started last it would finish last. Longest
-    first within each head removes that tail (bench/bsa_balance.py: makespan within 0.1 % of a perfect split
-    at the published shapes) while the programs running together still share one head's Q and dO in L2.
+    A key block chosen by many query blocks is one long program; started last it finishes last. Busiest
+    first removes most of that tail (bench/bsa_balance.py measures it) while the programs running together
+    still share one head's Q and dO in L2, which a global longest-first order would give up.
     """
     per_head = counts.view(-1, nk)
-    within = torch.argsort(per_head, dim=1, descending=True, stable=True)
-    heads = torch.arange(per_head.shape[0], device=counts.device).view(-1, 1) * nk
-    return (within + heads).reshape(-1).to(torch.int32).contiguous()
+    heads = torch.argsort(per_head.max(dim=1).values, descending=True, stable=True)
+    within = torch.argsort(per_head[heads], dim=1, descending=True, stable=True)
+    return (within + heads.view(-1, 1) * nk).reshape(-1).to(torch.int32).contiguous()
 
 
 def build_reverse_map(kv_index: torch.Tensor, kv_count: torch.Tensor, nk: int):
