@@ -59,6 +59,22 @@ def tables(records) -> str:
     bad = [msg for r in records for msg in problems(r)]
     lines.append("Problems (the compile test fails on these): " + ("none." if not bad else ""))
     lines.extend(f"- {msg}" for msg in bad)
+    half = [r for r in records if not r["error"] and r["dtype"] != "float32"]
+    fp32 = [r for r in records if not r["error"] and r["dtype"] == "float32"]
+    if half:
+        limiters = sorted({r["occupancy_limiter"] for r in half})
+        lines.append(f"\nReading. fp16/bf16: {len(half)} compilations, at most {max(r['shared'] for r in half) / 1024:.0f} KB "
+                     f"of shared memory per block (the A100 allows 163, the H100 227), "
+                     f"{max(r['spill_stores'] for r in half)} B of spills, every dot a wgmma on sm_90 and mma.sync on "
+                     f"sm_80. Occupancy is {min(r['occupancy'] for r in half):.1%}-{max(r['occupancy'] for r in half):.1%} "
+                     f"of the warp slots (1-{max(r['blocks_per_sm'] for r in half)} blocks per SM), limited by "
+                     f"{' and '.join(limiters)}: the fp32 accumulators of 64 x head_dim tiles (two of them in dk/dv) "
+                     "live in registers, as in flash-attention kernels, which also run one or two CTAs per SM and "
+                     "hide latency with warpgroup MMAs and pipelined loads rather than occupancy.")
+    if fp32:
+        lines.append(f"fp32 (exact FMA dots, the correctness path): spills up to "
+                     f"{max(r['spill_stores'] for r in fp32):,} B per thread, which the compile test reports but "
+                     "does not fail on (kernels/bsa/launch_space.py says why); not for training.")
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,6 +26,9 @@ from kernels.bsa.compile_check import H100, occupancy, problems
 from kernels.bsa.launch_space import ARCHS, KERNELS, kernel_configs
 
 SIXTEEN_BIT = ["float16", "bfloat16"]
+# Idle 2-core machine: ~1 s of CPU per fp16/bf16 compilation; on a shared, overloaded one 10x that.
+COMPILE_TIMEOUT_S = 1500
+pytestmark = pytest.mark.timeout(COMPILE_TIMEOUT_S + 60)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,9 +41,17 @@ def _compile(tmp_path_factory, dtypes):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
-    proc = subprocess.run([sys.executable, "-m", "kernels.bsa.compile_check", "--json", str(out), "--jobs", "2",
-                           "--dtype", *dtypes], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # Own session, so that the compiler's worker processes go too if the test is interrupted or times out.
+    proc = subprocess.Popen([sys.executable, "-m", "kernels.bsa.compile_check", "--json", str(out), "--jobs", "2",
+                             "--dtype", *dtypes], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=COMPILE_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
     data = json.loads(out.read_text())
     if "skip" in data:
         pytest.skip(data["skip"])
