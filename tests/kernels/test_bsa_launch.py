@@ -55,3 +55,41 @@ def test_dkdv_order_is_per_head_busiest_first():
     for seg in segs:
         pairs = [(int(counts[i]), int(i)) for i in seg]
         assert pairs == sorted(pairs, key=lambda t: (-t[0], t[1]))  # busiest first; ties keep key-block order
+
+
+_PRUNE_PROBE = """
+import json, torch
+from kernels.bsa import triton_fwd_bwd as t
+out = {}
+for cap in [(8, 0), (8, 6), (9, 0)]:
+    torch.cuda.get_device_capability = lambda device=None, cap=cap: cap
+    for name, tuned in t._TUNED.items():
+        for dtype in ("float32", "float16", "bfloat16"):
+            kept = tuned.early_config_prune(tuned.configs, {"Q": torch.empty(1, dtype=getattr(torch, dtype))})
+            out[f"{cap[0]}{cap[1]}-{name}-{dtype}"] = sorted([c.num_warps, c.num_stages] for c in kept)
+print(json.dumps(out))
+"""
+
+
+def test_autotuner_benchmarks_only_the_launch_space_of_the_device():
+    """The GPU autotuner (built only without the interpreter, so probed in a fresh process with a faked
+    compute capability) keeps exactly launch_space's candidates for the kernel, dtype and target; catches
+    a tuner that would try a configuration the compile test never checked (e.g. one that spills)."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _PRUNE_PROBE], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key, options in kept.items():
+        cap, name, dtype = key.split("-")
+        assert options == sorted(list(o) for o in launch_options(name, dtype, int(cap))), key
