@@ -123,7 +123,8 @@ def report() -> str:
             r = measure(latent, sigma, mean)
             print(f"{label} {name}: {r} ({time.perf_counter() - t0:.0f} s)", flush=True)
             lines.append(f"| {label} | {name} | {r['mean']:.0f} / {r['p99']:.0f} / {r['max']} | {r['max_over_mean']:.1f} "
-                         f"| {r['unused']:.0%} | {r['longest_vs_share']:.2f} | {r['grid_order']:.3f} | {r['longest_first']:.3f} | {r['head_longest_first']:.3f} | {r['kernel_order']:.3f} |")
+                         f"| {r['unused']:.0%} | {r['longest_vs_share']:.2f} | {r['grid_order']:.3f} "
+                         f"| {r['longest_first']:.3f} | {r['head_longest_first']:.3f} | {r['kernel_order']:.3f} |")
     lines.append(READING)
     return "\n".join(lines) + "\n"
 

@@ -216,7 +216,7 @@ def report() -> str:
             lines.append(f"| {g.name} | {label} | {td * 1e3:.1f} | {tlo * 1e3:.1f} | {thi * 1e3:.1f} "
                          f"| {td / tlo:.1f}x .. {td / thi:.1f}x | {need_s} |")
     lines.append("")
-    lines.append(f"What would move it (H100, L2 reuse, same efficiencies; each row adds to the one above):\n")
+    lines.append("What would move it (H100, L2 reuse, same efficiencies; each row adds to the one above):\n")
     lines.append("| variant | 480p speedup | 10x at 480p needs kernels at | 720p speedup | 10x at 720p needs kernels at |")
     lines.append("| --- | ---: | ---: | ---: | ---: |")
     for v in VARIANTS:
@@ -292,8 +292,8 @@ def reading(gpu: GPU) -> str:
   {a['dense_eff']:.0%} that dense flash attention averages over forward + backward here: 10x is not expected from
   the code as it is. Fusing dq into the dk/dv kernel (atomics, as FA2 does) lowers the need to
   {a['need_fused']:.0%} / {b['need_fused']:.0%}, and pooling / delta without fp32 temporaries to
-  {a['need_lean']:.0%} / {b['need_lean']:.0%}, i.e. {a['need_lean'] / a['dense_eff']:.0%} / {b['need_lean'] / b['dense_eff']:.0%} of dense's efficiency, near the 85 % VSA
-  reports for its kernels. `bash bench/gpu_check.sh` measures the real figure.
+  {a['need_lean']:.0%} / {b['need_lean']:.0%}, i.e. {a['need_lean'] / a['dense_eff']:.0%} / \
+{b['need_lean'] / b['dense_eff']:.0%} of dense's efficiency, near the 85 % VSA reports for its kernels. `bash bench/gpu_check.sh` measures the real figure.
 """
 
 

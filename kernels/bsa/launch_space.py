@@ -21,7 +21,8 @@ The space (documented in the README's Kernels section):
 * launch options ``(num_warps, num_stages)``, autotuned per kernel, dtype, tile and GPU on first use, from
   ``LAUNCH_16BIT`` (chosen from ptxas reports at head_dim 128, bf16: the candidates that do not spill.
   4 warps spill in the dk/dv kernel on both targets and in dq on sm_80; 2 stages spill in dk/dv on sm_80;
-  3 stages fit but add nothing over 2 for these short gather loops). GPUs other than sm_90 use the sm_80 list. Under ``TRITON_INTERPRET=1`` the first entry is used and nothing is tuned.
+  3 stages also fit but were left out to keep the space small, untimed without a GPU). GPUs other than
+  sm_90 use the sm_80 list. Under ``TRITON_INTERPRET=1`` the first entry is used and nothing is tuned.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class KernelConfig:
 
     @property
     def name(self) -> str:
-        return f"{self.kernel}-{self.dtype}-m{self.block_m}-d{self.block_d}-{self.prec}-w{self.num_warps}s{self.num_stages}"
+        return (f"{self.kernel}-{self.dtype}-m{self.block_m}-d{self.block_d}-{self.prec}"
+                f"-w{self.num_warps}s{self.num_stages}")
 
 
 def check_supported(block_tokens: int, head_dim: int) -> None:
