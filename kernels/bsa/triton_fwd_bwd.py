@@ -11,17 +11,21 @@ Layout: ``qb/kb/vb/out [B, n, bs, H, D]`` (contiguous), ``lse/delta [B, H, nq, b
   fp32 accumulators; lse in natural log.
 * backward: ``delta = rowsum(dout * out) - dlse`` (so a gradient w.r.t. lse is supported), then
   - dq: one program per (query block, batch*head), iterating over its listed key blocks;
-  - dk/dv: one program per (key block, batch*head), iterating over the query blocks that listed it. That
+  - dk/dv: one program per (batch*head, key block), iterating over the query blocks that listed it. That
     reverse map is built with a stable argsort of the selected (head, key block) ids plus a bincount,
-    O(B*H*nq*K) memory; no dense [nq, nk] mask is ever built.
+    O(B*H*nq*K) memory; no dense [nq, nk] mask is ever built. Programs are launched head by head, busiest
+    key blocks first (:func:`busiest_first`), so a key block chosen by most query blocks does not become
+    the launch's tail.
   Scores are always recomputed as fp32 ``dot(q, k) * scale`` (never by pre-scaling K in the input dtype).
 
 Rows with no key (``kv_count == 0`` or padded query slots) give out = 0, lse = -inf and zero gradients.
 Key block ids within the first ``kv_count`` slots must be distinct (selection guarantees it).
 
-Known limits: validated under the interpreter only so far (no GPU when written), launch options are fixed,
-not autotuned; a key block chosen by very many query blocks makes its dk/dv program long (load imbalance;
-a split with atomic adds would fix it if it shows up in profiles).
+Tiles, dot precision and launch options come from ``launch_space`` (autotuned on a GPU, fixed under the
+interpreter); every configuration there is compiled for sm_80 and sm_90 by tests/kernels/test_compile_targets.py.
+Known limits: run on a GPU only through bench/gpu_check.sh so far; fp32 is an exact correctness path that
+spills registers on a GPU (see launch_space). The dk/dv load imbalance (a key block chosen by up to 15x
+the mean number of query blocks on smooth fields) is measured by bench/bsa_balance.py.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .launch_space import ARCHS, DTYPES, dot_precision, launch_options, target_arch, tile_shape
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -125,13 +131,15 @@ def _bsa_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QVALID, KVALID, IDX, CNT, sm
 
 
 @triton.jit
-def _bsa_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QVALID, KVALID, QIDS, QOFF, QCNT, sm_scale,
+def _bsa_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QVALID, KVALID, QIDS, QOFF, QCNT, ORDER, sm_scale,
                          s_qb, s_qn, s_qt, s_qh, s_kb, s_kn, s_kt, s_kh, s_vb, s_vn, s_vt, s_vh,
                          H, NQ, NK, BS, D,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     # Q and DO share strides; K and DK share strides; V and DV share strides.
-    kblk = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    # Program i handles slot ORDER[i] = bh * NK + key block (heads in turn, the busiest key blocks first).
+    slot = tl.load(ORDER + tl.program_id(0)).to(tl.int64)
+    kblk = slot % NK
+    bh = slot // NK
     b = bh // H
     h = bh % H
     offs_m = tl.arange(0, BLOCK_M)
@@ -145,7 +153,6 @@ def _bsa_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QVALID, KVALID, QIDS, 
     kval = tl.load(KVALID + kblk * BS + offs_m, mask=m_in, other=0) != 0
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    slot = bh * NK + kblk
     start = tl.load(QOFF + slot).to(tl.int64)
     n = tl.load(QCNT + slot)
     for i in range(0, n):
@@ -171,24 +178,93 @@ def _bsa_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QVALID, KVALID, QIDS, 
     tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=md_in)
 
 
-def _meta(x: torch.Tensor):
-    """Tile sizes (one 3D block per tile, padded to a power of 2 >= 16) and launch options.
+def _dtype_name(x: torch.Tensor) -> str:
+    return str(x.dtype).removeprefix("torch.")
 
-    fp32 inputs use exact ("ieee") dots and a single pipeline stage so that 64x128 fp32 tiles stay within
-    shared memory; 16-bit inputs use two stages. Not autotuned yet (no GPU was available when written).
-    """
+
+def _meta(x: torch.Tensor) -> dict:
+    """Compile-time constants of a launch for blocked tensors like ``x``: tiles and dot precision."""
     B, n, bs, H, D = x.shape
-    block_m = max(16, triton.next_power_of_2(bs))
-    block_d = max(16, triton.next_power_of_2(D))
-    fp32 = x.dtype == torch.float32
-    prec = "ieee" if fp32 else "tf32"  # input_precision is ignored for 16-bit inputs
-    launch = {"num_warps": 8 if block_d >= 128 and block_m >= 64 else 4, "num_stages": 1 if fp32 else 2}
-    return block_m, block_d, prec, launch
+    block_m, block_d = tile_shape(bs, D, interpret=INTERPRET)
+    return {"BLOCK_M": block_m, "BLOCK_D": block_d, "PREC": dot_precision(_dtype_name(x))}
 
 
 def _strides(x: torch.Tensor):
     assert x.stride(-1) == 1
     return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+# Argument lists of the three kernels, in their signature order. The launches below and the compile check
+# (kernels/bsa/compile_check.py, which calls these on meta tensors of the published shapes) share them.
+
+def fwd_args(qb, kb, vb, out, lse, qv, kvl, kv_index, kv_count, scale):
+    B, nq, bs, H, D = qb.shape
+    return (qb, kb, vb, out, lse, qv, kvl, kv_index, kv_count, scale * LOG2E,
+            *_strides(qb), *_strides(kb), *_strides(vb), *_strides(out), H, nq, kv_index.shape[-1], bs, D)
+
+
+def dq_args(qb, kb, vb, dout, dq, lse, delta, qv, kvl, kv_index, kv_count, scale):
+    B, nq, bs, H, D = qb.shape
+    return (qb, kb, vb, dout, dq, lse, delta, qv, kvl, kv_index, kv_count, scale,
+            *_strides(qb), *_strides(kb), *_strides(vb), H, nq, kv_index.shape[-1], bs, D)
+
+
+def dkdv_args(qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt, order, scale):
+    B, nq, bs, H, D = qb.shape
+    return (qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt, order, scale,
+            *_strides(qb), *_strides(kb), *_strides(vb), H, nq, kb.shape[1], bs, D)
+
+
+KERNELS = {"fwd": _bsa_fwd_kernel, "bwd_dq": _bsa_bwd_dq_kernel, "bwd_dkdv": _bsa_bwd_dkdv_kernel}
+
+
+def _autotuned(name: str, kernel):
+    """On a GPU: ``kernel`` autotuned on its first call per dtype and tile, over launch_space's options for
+    this kernel, that dtype and the device's target (the others are pruned before benchmarking)."""
+
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        major, minor = torch.cuda.get_device_capability(q.device)
+        allowed = set(launch_options(name, _dtype_name(q), target_arch(10 * major + minor)))
+        return [c for c in configs if (c.num_warps, c.num_stages) in allowed]
+
+    options = sorted({o for arch in ARCHS for dtype in DTYPES for o in launch_options(name, dtype, arch)})
+    return triton.autotune(configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in options],
+                           key=["BLOCK_M", "BLOCK_D", "PREC"], prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+INTERPRET = not isinstance(_bsa_fwd_kernel, triton.runtime.JITFunction)
+_TUNED = {} if INTERPRET else {name: _autotuned(name, k) for name, k in KERNELS.items()}
+
+
+def _launch(name: str, grid, args, meta: dict, dtype: str) -> None:
+    """Autotuned launch on a GPU; the first launch_space option under the interpreter (nothing tuned)."""
+    if INTERPRET:
+        warps, stages = launch_options(name, dtype, ARCHS[-1])[0]
+        KERNELS[name][grid](*args, **meta, num_warps=warps, num_stages=stages)
+    else:
+        _TUNED[name][grid](*args, **meta)
+
+
+def autotuned_choices() -> dict:
+    """What the autotuner picked so far in this process: ``{kernel: {tuning key: (num_warps, num_stages)}}``."""
+    return {name: {key: (cfg.num_warps, cfg.num_stages) for key, cfg in tuned.cache.items()}
+            for name, tuned in _TUNED.items()}
+
+
+def busiest_first(counts: torch.Tensor, nk: int) -> torch.Tensor:
+    """Launch order of the dk/dv programs: one head after another, the heads ordered by their busiest key
+    block and each head's key blocks by decreasing number of query blocks (stable sorts, descending).
+    ``counts [B*H*nk]`` -> program order ``[B*H*nk]`` int32 (slot ids ``bh * nk + key block``).
+
+    A key block chosen by many query blocks is one long program; started last it finishes last. Busiest
+    first removes most of that tail (bench/bsa_balance.py measures it) while the programs running together
+    still share one head's Q and dO in L2, which a global longest-first order would give up.
+    """
+    per_head = counts.view(-1, nk)
+    heads = torch.argsort(per_head.max(dim=1).values, descending=True, stable=True)
+    within = torch.argsort(per_head[heads], dim=1, descending=True, stable=True)
+    return (within + heads.view(-1, 1) * nk).reshape(-1).to(torch.int32).contiguous()
 
 
 def build_reverse_map(kv_index: torch.Tensor, kv_count: torch.Tensor, nk: int):
@@ -220,12 +296,8 @@ class BlockAttentionTriton(torch.autograd.Function):
         kv_count = kv_count.to(torch.int32).contiguous()
         out = torch.empty_like(qb)
         lse = torch.empty(B, H, nq, bs, dtype=torch.float32, device=qb.device)
-        block_m, block_d, prec, launch = _meta(qb)
-        _bsa_fwd_kernel[(nq, B * H)](
-            qb, kb, vb, out, lse, qv, kvl, kv_index, kv_count, scale * LOG2E,
-            *_strides(qb), *_strides(kb), *_strides(vb), *_strides(out),
-            H, nq, kv_index.shape[-1], bs, D,
-            BLOCK_M=block_m, BLOCK_D=block_d, PREC=prec, **launch)
+        _launch("fwd", (nq, B * H), fwd_args(qb, kb, vb, out, lse, qv, kvl, kv_index, kv_count, scale),
+                _meta(qb), _dtype_name(qb))
         ctx.save_for_backward(qb, kb, vb, qv, kvl, kv_index, kv_count, out, lse)
         ctx.scale = scale
         return out, lse
@@ -242,13 +314,10 @@ class BlockAttentionTriton(torch.autograd.Function):
             # lse = -inf (empty row) is constant: ignore its incoming gradient (may be NaN from a merge).
             delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(lse))
         delta = delta.contiguous()
-        block_m, block_d, prec, launch = _meta(qb)
+        meta, dtype = _meta(qb), _dtype_name(qb)
         dq = torch.empty_like(qb)
-        _bsa_bwd_dq_kernel[(nq, B * H)](
-            qb, kb, vb, dout, dq, lse, delta, qv, kvl, kv_index, kv_count, scale,
-            *_strides(qb), *_strides(kb), *_strides(vb),
-            H, nq, kv_index.shape[-1], bs, D,
-            BLOCK_M=block_m, BLOCK_D=block_d, PREC=prec, **launch)
+        _launch("bwd_dq", (nq, B * H), dq_args(qb, kb, vb, dout, dq, lse, delta, qv, kvl, kv_index, kv_count, scale),
+                meta, dtype)
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             return dq, None, None, None, None, None, None, None
         q_ids, q_off, q_cnt = build_reverse_map(kv_index, kv_count, nk)
@@ -256,11 +325,9 @@ class BlockAttentionTriton(torch.autograd.Function):
             q_ids = torch.zeros(1, dtype=torch.int32, device=qb.device)
         dk = torch.empty_like(kb)
         dv = torch.empty_like(vb)
-        _bsa_bwd_dkdv_kernel[(nk, B * H)](
-            qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt, scale,
-            *_strides(qb), *_strides(kb), *_strides(vb),
-            H, nq, nk, bs, D,
-            BLOCK_M=block_m, BLOCK_D=block_d, PREC=prec, **launch)
+        _launch("bwd_dkdv", (B * H * nk,),
+                dkdv_args(qb, kb, vb, dout, dk, dv, lse, delta, qv, kvl, q_ids, q_off, q_cnt,
+                          busiest_first(q_cnt, nk), scale), meta, dtype)
         return dq, dk, dv, None, None, None, None, None
 
 
