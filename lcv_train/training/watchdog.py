@@ -54,7 +54,7 @@ class PhaseWatchdog:
 
     # -- called by the trainer -------------------------------------------------------------------
     def enter(self, phase: str, step: int) -> None:
-        if self._first_step is None:
+        if self._first_step is None and phase not in LONG_PHASES:
             self._first_step = step
         long = phase in LONG_PHASES or step == self._first_step
         self.limit = self.save_timeout_s if long else self.collective_timeout_s

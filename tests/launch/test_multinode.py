@@ -132,3 +132,21 @@ def test_each_node_lost_in_turn_recovers_and_resumes_exactly(tmp_path):
     for name, detect, recover, _ in timings:
         print(f"lost node {name}: survivor's workers ended {detect:.1f} s after the kill; "
               f"first new step {recover:.1f} s after the node was restarted")
+
+
+def test_layout_error_under_torchrun_is_one_line_exit_2_without_restarts(tmp_path):
+    """Issue #10 item 6: a bad layout was printed once per rank, retried 3 times (~25 s) and ended in
+    torchrun's ChildFailedError traceback with exit 1. Now: one line, exit 2, no restart."""
+    import subprocess
+
+    from ._support import TORCHRUN_SH, launch_env
+
+    r = subprocess.run([str(TORCHRUN_SH), *train_args(tmp_path, "run.name=bad", "parallel.cp=3")], cwd=tmp_path,
+                       env=launch_env(LCV_NPROC_PER_NODE="2", LCV_NO_PROGRESS="1"), capture_output=True, text=True,
+                       timeout=180)
+    out = r.stdout + r.stderr
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert r.returncode == 2, out[-3000:]
+    assert errors == [line for line in errors if line.startswith("lcv-train: error: parallel")] and len(errors) == 1, out
+    assert "Traceback" not in out and "ChildFailedError" not in out and "restart" not in out.lower().replace(
+        "max-restarts", ""), out[-3000:]

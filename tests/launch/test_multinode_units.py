@@ -56,7 +56,8 @@ def test_watchdog_names_step_and_phase_and_cleans_up():
     w = PhaseWatchdog(collective_timeout_s=0.5, save_timeout_s=1.5, on_timeout=lambda: cleaned.append(1), poll_s=0.05,
                       exit_process=False, enabled=True)
     try:
-        w.enter("forward", 1)  # the first step gets the long limit (warm-up)
+        w.enter("startup", 0)  # as the trainer does while it builds the model
+        w.enter("forward", 1)  # the first step of the attempt gets the long limit (warm-up)
         time.sleep(0.8)
         assert w.fired is None
         for _ in range(5):  # quick phases of later steps
