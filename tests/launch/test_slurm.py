@@ -116,14 +116,17 @@ def test_sbatch_configuration_error_is_not_requeued(slurm_cluster, tmp_path):
     assert "requeueing" not in out and "Traceback" not in out, out
 
 
-def test_sbatch_requeues_after_a_fault_and_resumes(slurm_cluster, tmp_path):
-    """A rank killed once torchrun has no restarts left (LCV_MAX_RESTARTS=0): srun fails, the script
-    requeues the job (a fault, not a configuration error), which resumes from the latest checkpoint."""
+def test_sbatch_requeues_after_a_fault_and_after_a_node_failure(slurm_cluster, tmp_path):
+    """Two faults, each followed by a resume from the latest checkpoint:
+    1. a rank killed once torchrun has no restarts left (LCV_MAX_RESTARTS=0): srun fails and the script
+       requeues the job (a fault, not a configuration error);
+    2. the node fails (scontrol sets it DOWN): SLURM kills the job and requeues it itself (--requeue); it
+       runs again once the node is back."""
     import psutil
 
     job = slurm_cluster.sbatch("--gpus-per-node=0", f"--cpus-per-task={slurm_cluster.cpus}", "--time=5",
                                "--job-name=lcv", str(TRAIN_SBATCH), f"run.root={tmp_path / 'outputs'}", *TINY,
-                               "trainer.max_steps=30", "trainer.checkpoint_every=2", cwd=tmp_path,
+                               "trainer.max_steps=60", "trainer.checkpoint_every=2", cwd=tmp_path,
                                env=launch_env(LCV_NPROC_PER_NODE="2", LCV_ROOT=str(REPO), LCV_MAX_RESTARTS="0"))
     run = tmp_path / "outputs" / f"lcv-{job}"
     _wait_for_step(slurm_cluster, job, run, tmp_path, 3)
@@ -138,10 +141,23 @@ def test_sbatch_requeues_after_a_fault_and_resumes(slurm_cluster, tmp_path):
     assert victims, "rank 1 not found"
     for p in victims:
         p.kill()
+    rank0 = run / "logs" / "rank0.log"
+    deadline = time.monotonic() + 180
+    while "resumed from" not in rank0.read_text() or "step 14 loss" not in rank0.read_text():
+        assert time.monotonic() < deadline, (tmp_path / f"lcv-{job}.out").read_text() + slurm_cluster.logs()
+        time.sleep(0.2)
+    node = slurm_cluster.NODE
+    subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=lcv-test-node-failure"],
+                   env=slurm_cluster.env(), check=True)
+    try:
+        slurm_cluster.wait_state(job, {"PENDING"}, timeout=60)
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], env=slurm_cluster.env(),
+                       check=True)
     info = slurm_cluster.wait(job, timeout=240)
     out = (tmp_path / f"lcv-{job}.out").read_text()
-    assert info.state == "COMPLETED" and info.restarts == 1, f"{info.state} {info.restarts}\n{out}"
+    assert info.state == "COMPLETED" and info.restarts == 2, f"{info.state} {info.restarts}\n{out}"
     assert "requeueing job" in out and "after a fault" in out, out
-    resumed = [line for line in (run / "logs" / "rank0.log").read_text().splitlines() if "resumed from" in line]
-    assert len(resumed) == 1 and int(resumed[0].rsplit("at step", 1)[1]) >= 2, resumed
-    assert _latest(run) == "step_0000030"
+    resumed = [int(line.rsplit("at step", 1)[1]) for line in rank0.read_text().splitlines() if "resumed from" in line]
+    assert len(resumed) == 2 and 2 <= resumed[0] < resumed[1] and resumed[1] >= 14, resumed
+    assert _latest(run) == "step_0000060"
