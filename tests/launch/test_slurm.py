@@ -152,8 +152,14 @@ def test_sbatch_requeues_after_a_fault_and_after_a_node_failure(slurm_cluster, t
     try:
         slurm_cluster.wait_state(job, {"PENDING"}, timeout=60)
     finally:
-        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], env=slurm_cluster.env(),
-                       check=True)
+        # The node comes back: this cluster's ReturnToService=2 does it when slurmd registers again;
+        # otherwise resume it (refused while the killed job's processes are still being reaped).
+        deadline = time.monotonic() + 60
+        while "down" in slurm_cluster.node_state().lower():
+            subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], env=slurm_cluster.env(),
+                           capture_output=True)
+            assert time.monotonic() < deadline, slurm_cluster.node_state() + "\n" + slurm_cluster.logs()
+            time.sleep(1)
     info = slurm_cluster.wait(job, timeout=240)
     out = (tmp_path / f"lcv-{job}.out").read_text()
     assert info.state == "COMPLETED" and info.restarts == 2, f"{info.state} {info.restarts}\n{out}"
