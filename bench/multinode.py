@@ -113,8 +113,9 @@ def main() -> None:
         section = "## Losing a node"
         entry = f"\nRun: {head}.\n\n" + "\n".join(table) + "\n"
         if section not in text:
-            text = text.rstrip("\n") + f"\n\n{section}\n\n`bench/multinode.py`: two emulated nodes (two `launch/torchrun.sh` " \
-                   "lines, `LCV_NNODES=2`, one gloo rank each, tiny model) on one machine; each fault once.\n"
+            text = (text.rstrip("\n") + f"\n\n{section}\n\n`bench/multinode.py`: two emulated nodes (two "
+                    "`launch/torchrun.sh` lines, `LCV_NNODES=2`, one gloo rank each, tiny model) on one machine; "
+                    "each fault once.\n")
         RESULTS.write_text(text.rstrip("\n") + "\n" + entry)
 
 

@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    print(f"rdzv_store.py: serving the rendezvous store on {host or '0.0.0.0'}:{store.port}", file=sys.stderr, flush=True)
+    print(f"rdzv_store.py: serving the rendezvous store on {host or '0.0.0.0'}:{store.port}", file=sys.stderr,
+          flush=True)
     done.wait()
     return 0
 

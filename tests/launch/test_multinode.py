@@ -145,8 +145,9 @@ def test_layout_error_under_torchrun_is_one_line_exit_2_without_restarts(tmp_pat
                        env=launch_env(LCV_NPROC_PER_NODE="2", LCV_NO_PROGRESS="1"), capture_output=True, text=True,
                        timeout=180)
     out = r.stdout + r.stderr
-    errors = [line for line in out.splitlines() if "error" in line.lower() and not line.startswith("torchrun.sh [")]
+    errors = [line for line in out.splitlines()
+              if "error" in line.lower() and not line.startswith("torchrun.sh [")]
     assert r.returncode == 2, out[-3000:]
-    assert errors == [line for line in errors if line.startswith("lcv-train: error: parallel")] and len(errors) == 1, out
+    assert len(errors) == 1 and errors[0].startswith("lcv-train: error: parallel"), out
     assert "Traceback" not in out and "ChildFailedError" not in out and "restart" not in out.lower().replace(
         "max-restarts", ""), out[-3000:]
