@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# Launch lcv-train on this node under torchrun (torch.distributed.run) with elastic restarts.
+# Launch lcv-train on this node under torchrun (torch.distributed.run) with elastic restarts for faults;
+# a configuration error (the trainer exits 2, on any node) stops every node at once with one line, exit 2.
 #
 #   launch/torchrun.sh [hydra overrides...]          # every argument goes to `-m lcv_train`
 #
 # One node, all local GPUs (or one process on a CPU-only box):
 #   launch/torchrun.sh stage=video_pretrain parallel=fsdp_cp4
-# Several nodes (run the same line on each node; the first node in the list hosts the store):
+# Several nodes (run the same line on each node; the node whose name or address is the endpoint's host
+# hosts the rendezvous store, and the job cannot outlive that node):
 #   LCV_NNODES=4 LCV_RDZV_ENDPOINT=node001:29400 LCV_RUN_NAME=vp1 launch/torchrun.sh ...
+# Surviving the loss of any node: run the store outside the training agents (on a machine that is not
+# one of the nodes, or one that stays up), and point every node at it with LCV_RDZV_IS_HOST=0:
+#   store-host$ python launch/rdzv_store.py 0.0.0.0:29400
+#   every node$ LCV_RDZV_IS_HOST=0 LCV_NNODES=4 LCV_RDZV_ENDPOINT=store-host:29400 LCV_RUN_NAME=vp1 launch/torchrun.sh ...
+# A lost node ends the attempt on the others (at once when its processes die, else after
+# trainer.collective_timeout_s); they wait up to LCV_RDZV_TIMEOUT for it (or a replacement running the
+# same line) and resume together from the latest checkpoint. README "When a node dies".
 #
 # Settings (environment; unset = default):
 #   LCV_NPROC_PER_NODE  workers on this node   NPROC_PER_NODE, else the number of visible GPUs, else 1
@@ -16,7 +25,10 @@
 #   LCV_RDZV_ID         rendezvous id          SLURM_JOB_ID, else "lcv-train"
 #   LCV_RDZV_IS_HOST    1: this node hosts     torch's guess from the endpoint's host name
 #                       the c10d store         (train.sbatch: SLURM node 0)
-#   LCV_MAX_RESTARTS    group restarts         3 (each restart resumes from the latest checkpoint)
+#   LCV_MAX_RESTARTS    group restarts         3 (each restart resumes from the latest checkpoint; a lost
+#                                              node costs one on every surviving node)
+#   LCV_RDZV_TIMEOUT    seconds to wait for    600 (torch's join_timeout): how long nodes wait for the
+#                       every node             others, at the start and after a failure
 #   OMP_NUM_THREADS     threads per worker     CPUs available here / workers per node
 #   LCV_RUN_NAME        run.name, all ranks    a run.name=... argument wins; else a timestamp taken
 #                                              here (several nodes: required)
@@ -93,7 +105,10 @@ name_arg=()
 # attempt's keys there, and init_process_group connects to the dead workers' addresses.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
-cmd=("$py" -m torch.distributed.run
+# launch/elastic.py is torchrun, except that a worker's configuration error stops it (exit 2) instead of
+# restarting the group.
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cmd=("$py" "$here/elastic.py"
      --nnodes "$nnodes"
      --nproc-per-node "$nproc_per_node"
      --rdzv-backend c10d
@@ -107,7 +122,9 @@ is_host=${LCV_RDZV_IS_HOST:-}
 if [[ -z $is_host && ${LCV_RDZV_FROM_SLURM:-0} == 1 && -n ${SLURM_NODEID:-} ]]; then
     is_host=$(( SLURM_NODEID == 0 ? 1 : 0 ))
 fi
-[[ -n $is_host ]] && cmd+=(--rdzv-conf "is_host=$is_host")
+rdzv_conf="join_timeout=${LCV_RDZV_TIMEOUT:-600}"
+[[ -n $is_host ]] && rdzv_conf+=",is_host=$is_host"
+cmd+=(--rdzv-conf "$rdzv_conf")
 # shellcheck disable=SC2206  # word splitting is the point
 [[ -n ${LCV_TORCHRUN_ARGS:-} ]] && cmd+=($LCV_TORCHRUN_ARGS)
 cmd+=(-m lcv_train "${name_arg[@]}" "$@")

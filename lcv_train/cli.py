@@ -31,13 +31,16 @@ def run(cfg: DictConfig) -> dict:
 
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     train_cfg = train_config_from_dict(container)
-    try:
-        return Trainer(train_cfg, container).fit()
-    finally:
-        import torch.distributed as dist
+    return Trainer(train_cfg, container).fit()
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+def _fail(message: str) -> None:
+    """A user error: one line, exit 2, and (several ranks) the same on every node, no elastic restart."""
+    from lcv_train.multinode import CONFIG_ERROR, abort_job
+
+    if not abort_job(message, CONFIG_ERROR):  # True: launch/torchrun.sh prints it, once per node
+        print(f"lcv-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _mean(xs):
@@ -49,8 +52,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg)
     except _user_errors() as e:
-        print(f"lcv-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
     except KeyboardInterrupt:
         print("lcv-train: interrupted; every published checkpoint on disk is complete", file=sys.stderr)
         sys.exit(130)
@@ -58,9 +60,13 @@ def _hydra_main(cfg: DictConfig) -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         if isinstance(e, OmegaConfBaseException):
-            print(f"lcv-train: error: {str(e).splitlines()[0]}", file=sys.stderr)
-            sys.exit(2)
+            _fail(str(e).splitlines()[0])
         raise
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     hist = summary.get("history") or []
     if hist:
         k = min(10, len(hist))
@@ -72,6 +78,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def train_main() -> None:
+    from lcv_train.multinode import hydra_rank_overrides
+
+    sys.argv += hydra_rank_overrides(sys.argv[1:])  # ranks > 0 leave the run folder's shared files alone
     _hydra_main()
 
 

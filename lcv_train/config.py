@@ -89,6 +89,11 @@ class TrainerConfig:
     sample_every: int = 0  # also write a sample every k steps (0: only at the end)
     init_from: str | None = None  # a published LongCat-Video folder (or a dit/ folder) to start from
     skip_nonfinite_steps: int = 3  # NaN/inf loss or grad norm: skip up to this many steps in a row, then stop
+    # Several ranks: a step phase (forward, backward, optimizer, ...) that lasts longer than this ends the
+    # attempt with a line naming the step and the phase; saves, samples and each attempt's first step get
+    # save_timeout_s (lcv_train/training/watchdog.py).
+    collective_timeout_s: float = 300.0
+    save_timeout_s: float = 1800.0
 
     def validate(self) -> "TrainerConfig":
         require(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
@@ -100,6 +105,9 @@ class TrainerConfig:
                 f"must be >= 0 (0 = stop at the first non-finite step), got {self.skip_nonfinite_steps}")
         require(self.sample_every >= 0, "trainer.sample_every", f"must be >= 0 (0 = off), got {self.sample_every}")
         require(self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto|cpu|cuda, got {self.device!r}")
+        require(self.collective_timeout_s > 0, "trainer.collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
+        require(self.save_timeout_s >= self.collective_timeout_s, "trainer.save_timeout_s",
+                f"must be >= trainer.collective_timeout_s ({self.collective_timeout_s}), got {self.save_timeout_s}")
         return self
 
 

@@ -12,7 +12,7 @@ class ParallelConfig:
     name: str = "single"
     # engine: "fsdp" (FSDP2; also single-process when world size is 1), "zero2" / "zero3" (DeepSpeed)
     engine: str = "fsdp"
-    dp_replicate: int = 1  # HSDP: replicate across this many groups (typically nodes)
+    dp_replicate: int = 1  # HSDP: replicate across this many groups (typically nodes); -1: one per node
     dp_shard: int = -1  # -1: whatever is left of the world size
     cp: int = 1
     cp_mode: str = "ring"
@@ -28,7 +28,8 @@ class ParallelConfig:
 
     def validate(self, prefix: str = "parallel") -> "ParallelConfig":
         require(self.engine in ("fsdp", "zero2", "zero3"), f"{prefix}.engine", f"must be fsdp|zero2|zero3, got {self.engine!r}")
-        require(self.dp_replicate >= 1, f"{prefix}.dp_replicate", f"must be >= 1, got {self.dp_replicate}")
+        require(self.dp_replicate == -1 or self.dp_replicate >= 1, f"{prefix}.dp_replicate",
+                f"must be -1 (one replica per node) or >= 1, got {self.dp_replicate}")
         require(self.dp_shard == -1 or self.dp_shard >= 1, f"{prefix}.dp_shard", f"must be -1 or >= 1, got {self.dp_shard}")
         require(self.cp >= 1, f"{prefix}.cp", f"must be >= 1, got {self.cp}")
         if self.cp_split_hw is not None:

@@ -14,6 +14,8 @@ Mesh dims (always all four, size-1 dims included) plus flattened ones:
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import os
 from dataclasses import dataclass, field
 
@@ -43,6 +45,12 @@ class ParallelDims:
     def from_config(cls, cfg: ParallelConfig, world_size: int, rank: int = 0, local_rank: int = 0) -> "ParallelDims":
         """Resolve ``dp_shard = -1`` and check that the layout multiplies to the world size (no collectives)."""
         cfg.validate()
+        if cfg.dp_replicate == -1:  # one replica per node: torchrun's LOCAL_WORLD_SIZE ranks per node
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            if per_node < 1 or world_size % per_node:
+                raise ConfigError(f"parallel.dp_replicate: -1 (one replica per node) needs the same number of "
+                                  f"ranks on every node; world size {world_size}, {per_node} on this node")
+            cfg = dataclasses.replace(cfg, dp_replicate=world_size // per_node)
         rest = cfg.dp_replicate * cfg.cp * cfg.tp
         if world_size % rest:
             raise ConfigError(f"parallel: dp_replicate*cp*tp = {cfg.dp_replicate}*{cfg.cp}*{cfg.tp} = {rest} "
@@ -157,8 +165,18 @@ def init_distributed(cfg: ParallelConfig, model_cfg=None) -> ParallelDims:
         dims.device = torch.device("cuda", local_rank)
         torch.cuda.set_device(dims.device)
     if world > 1:
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
-        if not dist.is_initialized():
-            dist.init_process_group(backend=backend)
+        start_process_group(cfg)
         dims.build_mesh(dims.device.type)
     return dims
+
+
+def start_process_group(cfg: ParallelConfig, timeout_s: float | None = None) -> None:
+    """``init_process_group`` from the torchrun environment (no-op for one process or when done already);
+    ``timeout_s`` bounds every collective (default: torch's)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    dist.init_process_group(backend=backend, **kwargs)

@@ -29,7 +29,10 @@ from lcv_train.training.ema import EMA, build_ema
 from lcv_train.training.metrics import MetricsLogger, setup_logging
 from lcv_train.training.nonfinite import NonFiniteGuard
 from lcv_train.training.schedule import build_lr_scheduler
+from lcv_train.training.fingerprint import check_same_config
+from lcv_train.training.watchdog import PhaseWatchdog
 from parallel import build_engine, init_distributed, parallelize_model
+from parallel.dims import start_process_group
 
 log = logging.getLogger("lcv_train")
 
@@ -85,6 +88,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, config_dict: dict | None = None):
         self.cfg = cfg
         self.config_dict = config_dict or {}
+        # Several ranks: a stuck phase ends the job naming step and phase; a rank that ends the job ends it
+        # on every node. Then every rank must run rank 0's config, before the layout or anything else.
+        t = cfg.trainer
+        self.watchdog = PhaseWatchdog(t.collective_timeout_s, t.save_timeout_s, on_timeout=self._remove_partial_save)
+        self.watchdog.enter("startup", 0)
+        start_process_group(cfg.parallel, timeout_s=t.save_timeout_s + 60)
+        check_same_config(config_dict if config_dict is not None else dataclasses.asdict(cfg))
         self.dims = init_distributed(cfg.parallel, cfg.model)  # layout errors before any memory is used
         self.rank = self.dims.rank
         self.device = _pick_device(cfg.trainer.device, self.dims)
@@ -134,6 +144,7 @@ class Trainer:
         self.checkpointer.clean_stale()
         self.resumed_from: Path | None = None
         self._resume()
+        self.watchdog.leave()
         self._stop_requested = False
         self.history: list[dict] = []
 
@@ -191,6 +202,14 @@ class Trainer:
         if init_from:
             log.info("loaded %s: rank 0 read it, every rank received its part", init_from)
         return model
+
+    def _remove_partial_save(self) -> None:
+        """After a timeout: rank 0 removes a half-written checkpoint (``*.tmp``), as the next start would."""
+        if self.rank == 0 and getattr(self, "checkpointer", None) is not None:
+            import shutil
+
+            for p in self.checkpointer.dir.glob("*.tmp"):
+                shutil.rmtree(p, ignore_errors=True)
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -290,18 +309,22 @@ class Trainer:
         wait = 0.0
         loss_sum, tokens, grid = torch.zeros((), device=self.device), 0, (0, 0, 0)
         self.model.train()
+        step = self.progress.step + 1
         for _ in range(cfg.trainer.grad_accum):
+            self.watchdog.enter("forward", step)
             tw = time.perf_counter()
             batch = next(data_iter)
             wait += time.perf_counter() - tw
             sb = self.to_stage_batch(batch)
             with self.engine.autocast():
                 loss, _ = self.stage.loss(self.model, sb, self.noise_gen)
+            self.watchdog.enter("backward", step)
             self.engine.backward(loss / cfg.trainer.grad_accum)
             loss_sum += loss.detach().float()  # on the device: no host sync per micro-batch
             B, _, T, H, W = sb.latents.shape
             grid = self._core_model().token_grid((T, H, W))
             tokens += B * math.prod(grid)
+        self.watchdog.enter("optimizer", step)
         loss_value = float(loss_sum) / cfg.trainer.grad_accum
         loss_finite = self.nonfinite.loss_is_finite(loss_value)
         if loss_finite or not self.engine.can_skip_nonfinite:
@@ -391,24 +414,32 @@ class Trainer:
                              m["train/loss"], m["train/grad_norm"], m["train/lr"], m["perf/step_time_s"],
                              m["perf/tokens_per_s"])
                 metrics_logger.log(step, m)
+                self.watchdog.enter("sync", step)
                 stop = self._should_stop()
                 if step % cfg.trainer.checkpoint_every == 0 or step == total or stop:
+                    self.watchdog.enter("save", step)
                     self.save_checkpoint()
                     last_saved = step
+                self.watchdog.leave()
                 if stop:
                     metrics_logger.write(f"stopped on request at step {step}; checkpoint saved")
                     break
                 every = cfg.trainer.sample_every
                 if every and step % every == 0 and not (step == total and cfg.trainer.sample_at_end):
+                    self.watchdog.enter("sample", step)
                     path = self.write_sample()
+                    self.watchdog.leave()
                     if path is not None:
                         metrics_logger.write(f"sample {path}")
             if last_saved != self.progress.step:
+                self.watchdog.enter("save", self.progress.step)
                 self.save_checkpoint()
             sample_path = None
             if cfg.trainer.sample_at_end and self.progress.step >= total:
+                self.watchdog.enter("sample", self.progress.step)
                 sample_path = self.write_sample()
         finally:
+            self.watchdog.close()
             metrics_logger.close()
             self.loader.close()  # workers ignore SIGTERM (the trainer decides), so stop them explicitly
         summary = {"step": self.progress.step, "first_loss": first_loss, "run_dir": str(self.run_dir),

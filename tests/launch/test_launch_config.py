@@ -24,7 +24,7 @@ def _dry_run(*args: str, **env: str) -> subprocess.CompletedProcess:
 def _torchrun_argv(r: subprocess.CompletedProcess) -> list[str]:
     assert r.returncode == 0, r.stderr
     line = r.stderr.strip().splitlines()[-1]
-    return line.split(" -m torch.distributed.run ", 1)[1].split()
+    return line.split("/launch/elastic.py ", 1)[1].split()
 
 
 def test_torchrun_sh_single_node_defaults():
@@ -60,7 +60,7 @@ def test_torchrun_sh_several_nodes_need_endpoint_and_run_name():
     argv = _torchrun_argv(_dry_run(LCV_NNODES="2", LCV_RDZV_ENDPOINT="node1:29400", LCV_RUN_NAME="x",
                                    LCV_RDZV_FROM_SLURM="1", SLURM_NODEID="1"))
     assert argv[argv.index("--rdzv-endpoint") + 1] == "node1:29400"
-    assert argv[argv.index("--rdzv-conf") + 1] == "is_host=0"
+    assert argv[argv.index("--rdzv-conf") + 1] == "join_timeout=600,is_host=0"
 
 
 def _sbatch_directives() -> dict[str, str]:

@@ -91,3 +91,79 @@ def test_submitit_lcv_slurm_preset_runs_two_tasks(slurm_cluster, tmp_path):
     assert _latest(run) == "step_0000002", task_logs
     for rank in (0, 1):
         assert "step 2 loss" in (run / "logs" / f"rank{rank}.log").read_text()
+
+
+def _wait_for_step(cluster, job: int, run: Path, tmp_path: Path, step: int) -> None:
+    rank0 = run / "logs" / "rank0.log"
+    deadline = time.monotonic() + 150
+    while not (rank0.exists() and f"step {step} loss" in rank0.read_text()):
+        assert time.monotonic() < deadline, "training did not start\n" + cluster.logs()
+        state = cluster.job(job).state
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (
+            f"job {job} is {state}\n" + (tmp_path / f"lcv-{job}.out").read_text())
+        time.sleep(0.2)
+
+
+def test_sbatch_configuration_error_is_not_requeued(slurm_cluster, tmp_path):
+    """Exit 2 (a configuration error) ends the job at once with one line per node: no torchrun restart,
+    no requeue."""
+    job = _submit(slurm_cluster, tmp_path, "trainer.max_steps=2", "parallel.cp=3")  # 3 does not divide 2 ranks
+    info = slurm_cluster.wait(job, timeout=150)
+    out = (tmp_path / f"lcv-{job}.out").read_text()
+    assert info.state == "FAILED" and info.exit_code == "2:0" and info.restarts == 0, f"{info}\n{out}"
+    errors = [line for line in out.splitlines() if "lcv-train: error:" in line]
+    assert len(errors) == 1 and "parallel" in errors[0], out
+    assert "requeueing" not in out and "Traceback" not in out, out
+
+
+def test_sbatch_requeues_after_a_fault_and_after_a_node_failure(slurm_cluster, tmp_path):
+    """Two faults, each followed by a resume from the latest checkpoint:
+    1. a rank killed once torchrun has no restarts left (LCV_MAX_RESTARTS=0): srun fails and the script
+       requeues the job (a fault, not a configuration error);
+    2. the node fails (scontrol sets it DOWN): SLURM kills the job and requeues it itself (--requeue); it
+       runs again once the node is back."""
+    import psutil
+
+    job = slurm_cluster.sbatch("--gpus-per-node=0", f"--cpus-per-task={slurm_cluster.cpus}", "--time=5",
+                               "--job-name=lcv", str(TRAIN_SBATCH), f"run.root={tmp_path / 'outputs'}", *TINY,
+                               "trainer.max_steps=60", "trainer.checkpoint_every=2", cwd=tmp_path,
+                               env=launch_env(LCV_NPROC_PER_NODE="2", LCV_ROOT=str(REPO), LCV_MAX_RESTARTS="0"))
+    run = tmp_path / "outputs" / f"lcv-{job}"
+    _wait_for_step(slurm_cluster, job, run, tmp_path, 3)
+    victims = []
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+            if env.get("SLURM_JOB_ID") == str(job) and env.get("RANK") == "1" and "lcv_train" in " ".join(p.cmdline()):
+                victims.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    assert victims, "rank 1 not found"
+    for p in victims:
+        p.kill()
+    rank0 = run / "logs" / "rank0.log"
+    deadline = time.monotonic() + 180
+    while "resumed from" not in rank0.read_text() or "step 14 loss" not in rank0.read_text():
+        assert time.monotonic() < deadline, (tmp_path / f"lcv-{job}.out").read_text() + slurm_cluster.logs()
+        time.sleep(0.2)
+    node = slurm_cluster.NODE
+    subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=lcv-test-node-failure"],
+                   env=slurm_cluster.env(), check=True)
+    try:
+        slurm_cluster.wait_state(job, {"PENDING"}, timeout=60)
+    finally:
+        # The node comes back: this cluster's ReturnToService=2 does it when slurmd registers again;
+        # otherwise resume it (refused while the killed job's processes are still being reaped).
+        deadline = time.monotonic() + 60
+        while "down" in slurm_cluster.node_state().lower():
+            subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], env=slurm_cluster.env(),
+                           capture_output=True)
+            assert time.monotonic() < deadline, slurm_cluster.node_state() + "\n" + slurm_cluster.logs()
+            time.sleep(1)
+    info = slurm_cluster.wait(job, timeout=240)
+    out = (tmp_path / f"lcv-{job}.out").read_text()
+    assert info.state == "COMPLETED" and info.restarts == 2, f"{info.state} {info.restarts}\n{out}"
+    assert "requeueing job" in out and "after a fault" in out, out
+    resumed = [int(line.rsplit("at step", 1)[1]) for line in rank0.read_text().splitlines() if "resumed from" in line]
+    assert len(resumed) == 2 and 2 <= resumed[0] < resumed[1] and resumed[1] >= 14, resumed
+    assert _latest(run) == "step_0000060"
