@@ -1,4 +1,4 @@
-"""``python -m lcv_train.export CHECKPOINT OUT [--weights ema|model]``: a training checkpoint (any world
+"""``lcv-export CHECKPOINT OUT [--weights ema|model]`` (also ``python -m lcv_train.export``): a training checkpoint (any world
 size, sharded DCP) -> a consolidated published-format folder (``OUT/dit``) for inference.
 
 CHECKPOINT is a ``step_N`` directory, a run's ``checkpoints`` directory or a run directory (the latest
@@ -67,7 +67,7 @@ def load_training_weights(ckpt: Path, weights: str = "ema") -> tuple[DiTConfig, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lcv_train.export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="lcv-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("out")
