@@ -330,6 +330,9 @@ def plan_from_args(argv) -> dict:
     model_cfg = DiTConfig.from_json_dict(OmegaConf.to_container(c.model, resolve=True))
     pdict = OmegaConf.to_container(c.parallel, resolve=True)
     pcfg = ParallelConfig(**pdict).validate()
+    from parallel.dims import ParallelDims
+
+    ParallelDims.from_config(pcfg, int(ours.get("world_size", 8))).check_model(model_cfg)  # layout errors first
     bucket, source = _bucket(ours, c)
     if not (isinstance(bucket, list) and len(bucket) == 3):
         raise ConfigError(f"data.bucket: must be [frames, height, width], got {ours.get('data.bucket')!r}")
