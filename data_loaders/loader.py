@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_loaders.config import DataConfig, subsets_of, to_data_config, validate
+from data_loaders.config import DataConfig, DataError, subsets_of, to_data_config, validate
 from data_loaders.pipeline import BAD_REASONS, Plan, Reader, SubsetPlan
 from data_loaders.shards import make_units, resolve_shards
 
@@ -145,10 +145,13 @@ class VideoLoader:
         t0 = time.perf_counter()
         if self._it is None:
             self._it = self._start()
-        batch, info = next(self._it)
-        while batch is None:  # the end of a finite reader: its final counts, no batch
-            self._readers[int(info["worker"])] = info
+        try:
             batch, info = next(self._it)
+            while batch is None:  # the end of a finite reader: its final counts, no batch
+                self._readers[int(info["worker"])] = info
+                batch, info = next(self._it)
+        except DataError as e:  # from a worker: its message, not the worker's traceback
+            raise DataError(_worker_message(str(e))) from None
         dt = time.perf_counter() - t0
         self._wait_s += dt
         self._last_wait_s = dt
@@ -249,6 +252,13 @@ class VideoLoader:
             if k.startswith("filtered/"):
                 out[f"data/{k}"] = float(v)
         return out
+
+
+def _worker_message(text: str) -> str:
+    """A DataLoader worker's exception text is "Caught DataError in DataLoader worker ... Original
+    Traceback ... DataError: <message>": keep the message."""
+    marker = "DataError: "
+    return text[text.rindex(marker) + len(marker):].strip() if "Original Traceback" in text and marker in text else text
 
 
 def build_loader(cfg: Any, rank: int, world_size: int, seed: int) -> VideoLoader:
