@@ -193,6 +193,10 @@ def ref():
     return L.reference()
 
 
+# The first test to use ``runs`` / ``runs4`` pays for every layout of the shared spawn (about a minute and a
+# half on an idle 2-core machine; several times that on a loaded one): it gets more than the suite's 300 s.
+SHARED_SPAWN = pytest.mark.timeout(1200)
+
 LAYOUTS_EXTRA = {"fsdp_bf16": dict(name="fsdp_bf16", engine="fsdp", mixed_precision="bf16")}
 
 
@@ -201,6 +205,7 @@ def runs(tmp_path_factory):
     return _spawn(2, {**LAYOUTS, **LAYOUTS_EXTRA}, str(tmp_path_factory.mktemp("ckpt2")))
 
 
+@SHARED_SPAWN
 def test_bf16_mixed_precision_policy(runs, ref):
     """bf16 compute where SPEC allows it, fp32 where it asks for fp32, fp32 master weights; the loss
     stays within bf16 rounding of the fp32 run."""
@@ -215,6 +220,7 @@ def test_bf16_mixed_precision_policy(runs, ref):
     torch.testing.assert_close(mean, torch.tensor(ref[0]), rtol=3e-2, atol=0)
 
 
+@SHARED_SPAWN
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_two_ranks_match_single_process(name, runs, ref):
     _compare(_results(runs, name), ref)
@@ -254,6 +260,7 @@ def runs4(tmp_path_factory):
     return _spawn(4, LAYOUTS_4, str(tmp_path_factory.mktemp("ckpt4")))
 
 
+@SHARED_SPAWN
 @pytest.mark.parametrize("name", list(LAYOUTS_4))
 def test_four_ranks_match_single_process(name, runs4, ref):
     """Two parallel dims at once on 4 processes (2 cores: slow but small)."""
