@@ -384,6 +384,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"lcv-plan: {e}", file=sys.stderr)
         return 2
+    finally:
+        logging.disable(logging.NOTSET)  # main() may run inside another program (the tests)
     as_json = _split_args(argv)[0].get("json", "false").lower() in ("1", "true", "yes")
     print(json.dumps(p, indent=1) if as_json else format_plan(p))
     return 0

@@ -63,6 +63,8 @@ def test_log_lines_go_above_the_bar_and_the_bar_shows_its_steps_loss(tmp_path, m
     from lcv_train.training.metrics import MetricsLogger, setup_logging
 
     monkeypatch.setenv("LCV_NO_PROGRESS", "0")
+    disabled = logging.root.manager.disable  # another test's CLI may have called logging.disable
+    logging.disable(logging.NOTSET)
     root = logging.getLogger()
     console = logging.StreamHandler(sys.stderr)  # what Hydra installs: INFO to the console
     console.setLevel(logging.INFO)
@@ -76,6 +78,7 @@ def test_log_lines_go_above_the_bar_and_the_bar_shows_its_steps_loss(tmp_path, m
         ml.log(2, {"train/loss": 0.25})
         ml.close()
     finally:
+        logging.disable(disabled)
         for h in list(root.handlers):
             if h is console or getattr(h, "_lcv", False):
                 root.removeHandler(h)
