@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("synth", help="write the synthetic moving-shapes set as real mp4 shards")
     a.add_argument("--out", required=True)
     a.add_argument("--n", type=int, default=2000)
-    a.add_argument("--frames", type=_frames, default=[8, 16], help="frames per clip, N or MIN-MAX")
+    a.add_argument("--frames", type=_frames, default=[9, 16],
+                   help="frames per clip, N or MIN-MAX (default 9-16: every clip fills the default 9-frame bucket)")
     a.add_argument("--height", type=int, default=32)
     a.add_argument("--width", type=int, default=32)
     a.add_argument("--fps", type=float, default=8.0)
@@ -127,11 +128,13 @@ def _run(args: argparse.Namespace) -> int:
             print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["skipped"].items())))
         return 0
     if args.cmd == "synth":
-        from data_loaders.synthetic import ensure_synthetic_shards
+        from data_loaders.synthetic import ensure_synthetic_shards, train_command
 
         out = ensure_synthetic_shards(args.out, args.n, args.frames, args.height, args.width, args.fps, args.seed,
                                       image_fraction=args.image_fraction, samples_per_shard=args.samples_per_shard)
         print(f"synthetic set ({args.n} samples) in {out}")
+        print("train on it: " + train_command(args.out, args.frames, args.height, args.width, args.fps,
+                                              args.image_fraction))
         return 0
     if args.cmd == "stats":
         from data_loaders.stats import collect_stats, format_stats

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import signal
 import time
+import warnings
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -127,6 +129,7 @@ class VideoLoader:
         self._dl = None
         self._wait_s = 0.0
         self._last_wait_s = 0.0
+        self._warned: set[str] = set()  # skip reasons already warned about
 
     # ------------------------------------------------------------------ iteration
     def _start(self) -> Iterator:
@@ -139,19 +142,25 @@ class VideoLoader:
         if self.cfg.num_workers == 0:
             return iter(_SerialReaders(self.plan, resume))
         ds = _ReaderDataset(self.plan, shift, resume)
-        self._dl = torch.utils.data.DataLoader(
-            ds,
-            batch_size=None,
-            num_workers=self.cfg.num_workers,
-            persistent_workers=True,
-            prefetch_factor=self.cfg.prefetch_factor,
-            in_order=True,
-            pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
-            timeout=float(self.cfg.worker_timeout_s),
-            collate_fn=_identity,  # items are finished batches; keep tuples/lists exactly as built
-            worker_init_fn=_ignore_stop_signals,
-        )
-        return iter(self._dl)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if self.cfg.num_workers > cpus and self.rank == 0:  # one line instead of torch's paragraph
+            log.warning("data.num_workers=%d is more than the %d CPUs this process may use; lower it if loading "
+                        "is slow or the machine stalls", self.cfg.num_workers, cpus)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            self._dl = torch.utils.data.DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=self.cfg.num_workers,
+                persistent_workers=True,
+                prefetch_factor=self.cfg.prefetch_factor,
+                in_order=True,
+                pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
+                timeout=float(self.cfg.worker_timeout_s),
+                collate_fn=_identity,  # items are finished batches; keep tuples/lists exactly as built
+                worker_init_fn=_ignore_stop_signals,
+            )
+            return iter(self._dl)
 
     def __iter__(self) -> "VideoLoader":
         return self
@@ -171,9 +180,21 @@ class VideoLoader:
         self._wait_s += dt
         self._last_wait_s = dt
         self._readers[int(info["worker"])] = info
+        self._warn_new_skips()
         self._consumed += 1
         self._samples += len(batch["keys"])
         return batch
+
+    def _warn_new_skips(self) -> None:
+        """One console warning per skip reason (the readers log each sample to the log file only)."""
+        for r in BAD_REASONS:
+            if r in self._warned:
+                continue
+            n = sum(int(i["counters"].get(f"skipped/{r}", 0)) for i in self._readers.values())
+            if n:
+                self._warned.add(r)
+                log.warning("data: skipping %s samples (%d so far): counted in data/skipped/%s, each named "
+                            "(shard, key, cause) in the rank's log file", r, n, r)
 
     def close(self) -> None:
         """Stop the worker processes (they are also stopped when the loader is garbage-collected)."""

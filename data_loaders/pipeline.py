@@ -41,6 +41,9 @@ from data_loaders.decode import DecodeError, available_frames, decode_image, dec
 from data_loaders.shards import TruncatedShard, Unit, iter_unit, media_of
 
 log = logging.getLogger("data_loaders")
+# Each skipped sample (shard, key, cause), for the rank's log file; the console gets one warning per reason,
+# from the loader in the training process (``VideoLoader``), however many worker processes read.
+skip_log = logging.getLogger("data_loaders.skipped")
 
 # Reasons a sample is skipped as bad (they count against max_bad_fraction).
 BAD_REASONS = (
@@ -317,9 +320,9 @@ class Reader:
         self._count(f"skipped/{reason}", n)
         k = self._logged.get(reason, 0)
         if k < _MAX_LOGGED_PER_REASON:
-            log.warning("data: skipped %s sample(s): %s shard=%s key=%s %s", n, reason, url, key, detail)
+            skip_log.info("data: skipped %s sample(s): %s shard=%s key=%s %s", n, reason, url, key, detail)
         elif k == _MAX_LOGGED_PER_REASON:
-            log.warning("data: more %s samples skipped; not logging each any more (see metrics)", reason)
+            skip_log.info("data: more %s samples skipped; not logging each any more (see metrics)", reason)
         self._logged[reason] = k + 1
         self._check_bad(url, key)
 

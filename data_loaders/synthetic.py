@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -165,6 +166,32 @@ def _file_lock(path: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def train_command(out: str, frames: Sequence[int], height: int, width: int, fps: float,
+                  image_fraction: float = 0.0) -> str:
+    """The one ``lcv-train`` line that trains on a set ``lcv-data synth`` wrote to ``out``.
+
+    It is the embedded default's data config (``conf/data/synthetic.yaml``) with ``data.shards`` pointing at
+    the set (given shards, the trainer makes no synthetic set of its own); the bucket and fps are added only
+    where the set differs from that config's, so a set made with ``synth``'s defaults needs nothing more.
+    """
+    import yaml
+
+    import conf
+
+    default = yaml.safe_load((Path(conf.__file__).parent / "data" / "synthetic.yaml").read_text())["data"]
+    shortest = int(min(frames))
+    f = 1 + 4 * ((shortest - 1) // 4)  # 1 + 4k frames: fits the Wan VAE's temporal stride as well
+    buckets = [[f, int(height), int(width)]] if shortest > 1 else []
+    if image_fraction > 0 or not buckets:
+        buckets.append([1, int(height), int(width)])
+    line = f"lcv-train data.shards=[{out}]"
+    if buckets != [list(b) for b in default["buckets"]]:
+        line += " data.buckets=[" + ",".join(f"[{a},{b},{c}]" for a, b, c in buckets) + "]"
+    if float(fps) != float(default["fps"]):
+        line += f" data.fps={fps:g}"
+    return line
 
 
 def ensure_synthetic_shards(

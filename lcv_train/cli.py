@@ -43,6 +43,27 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+# What Hydra and the trainer's start-up write into a run directory before the first step.
+_STARTUP_FILES = {".hydra", "lcv-train.log", "logs", "config.yaml"}
+
+
+def _remove_unused_run_dir() -> None:
+    """A rejected command leaves no ``outputs/<timestamp>/`` behind: Hydra makes the run directory before
+    the config is validated, so remove it when it holds nothing but start-up files (never a directory with
+    checkpoints, metrics or anything else; only rank 0 does it)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if os.environ.get("RANK", "0") != "0" or not HydraConfig.initialized():
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= _STARTUP_FILES:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _mean(xs):
     return sum(xs) / max(len(xs), 1)
 
@@ -52,6 +73,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg)
     except _user_errors() as e:
+        _remove_unused_run_dir()
         _fail(str(e))
     except KeyboardInterrupt:
         print("lcv-train: interrupted; every published checkpoint on disk is complete", file=sys.stderr)
@@ -60,6 +82,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         if isinstance(e, OmegaConfBaseException):
+            _remove_unused_run_dir()
             _fail(str(e).splitlines()[0])
         raise
     finally:

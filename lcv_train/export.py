@@ -1,5 +1,6 @@
-"""``python -m lcv_train.export CHECKPOINT OUT [--weights ema|model] [--lora] [--base PUBLISHED]``: a training
-checkpoint (any world size, sharded DCP) -> a consolidated published-format folder (``OUT/dit``) for inference.
+"""``lcv-export CHECKPOINT OUT [--weights ema|model] [--lora] [--base PUBLISHED]`` (also ``python -m
+lcv_train.export``): a training checkpoint (any world size, sharded DCP) -> a consolidated published-format
+folder (``OUT/dit``) for inference.
 
 CHECKPOINT is a ``step_N`` directory, a run's ``checkpoints`` directory or a run directory (the latest
 published checkpoint is used).
@@ -109,7 +110,7 @@ def load_lora_run(ckpt: Path, weights: str = "ema", base: str | Path | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lcv_train.export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="lcv-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("out")

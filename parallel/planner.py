@@ -4,7 +4,8 @@
     lcv-plan model=longcat-13.6b parallel=fsdp_tp2 parallel.cp=2 parallel.activation_checkpointing=1 world_size=64 gpu=h200 data=shards
 
 Arguments are Hydra overrides of ``conf/train.yaml`` plus the planner's own keys: ``world_size`` (default
-8), ``data.bucket=[frames,height,width]`` in pixels (default: the first of ``data.buckets``), ``batch``
+8), ``data.bucket=[frames,height,width]`` in pixels (default: the first of ``data.buckets`` with ``data=shards``,
+else the model's published bucket: [93,480,832] for longcat-13.6b; other models need it), ``batch``
 (samples per data-parallel rank per micro-step; default 1), ``text_len`` (512),
 ``gpu`` (name for peak FLOP/s and memory: h100, h200, a100, ...; default h100), ``mfu`` (assumed model FLOPs
 utilisation for the time estimate; 0.4), ``json=true`` (machine-readable output).
@@ -315,7 +316,7 @@ def compose(overrides):
     import conf
 
     with initialize_config_dir(config_dir=str(Path(conf.__file__).parent), version_base=None):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+        return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
 
 def plan_from_args(argv) -> dict:
@@ -330,12 +331,41 @@ def plan_from_args(argv) -> dict:
     model_cfg = DiTConfig.from_json_dict(OmegaConf.to_container(c.model, resolve=True))
     pdict = OmegaConf.to_container(c.parallel, resolve=True)
     pcfg = ParallelConfig(**pdict).validate()
-    bucket = yaml.safe_load(ours["data.bucket"]) if "data.bucket" in ours else list(c.data.buckets[0])
+    from parallel.dims import ParallelDims
+
+    ParallelDims.from_config(pcfg, int(ours.get("world_size", 8))).check_model(model_cfg)  # layout errors first
+    bucket, source = _bucket(ours, c)
     if not (isinstance(bucket, list) and len(bucket) == 3):
         raise ConfigError(f"data.bucket: must be [frames, height, width], got {ours.get('data.bucket')!r}")
     batch = int(ours.get("batch", 1))
-    return plan(model_cfg, pcfg, int(ours.get("world_size", 8)), bucket, batch=batch,
-                text_len=int(ours.get("text_len", 512)), gpu=ours.get("gpu", "h100"), mfu=float(ours.get("mfu", 0.4)))
+    p = plan(model_cfg, pcfg, int(ours.get("world_size", 8)), bucket, batch=batch,
+             text_len=int(ours.get("text_len", 512)), gpu=ours.get("gpu", "h100"), mfu=float(ours.get("mfu", 0.4)))
+    if source:
+        p["notes"].insert(0, f"bucket: {source}; data.bucket=[frames,height,width] plans another")
+    return p
+
+
+# The clip a model preset was published for: what lcv-plan plans when no bucket is given.
+PUBLISHED_BUCKETS = {"longcat-13.6b": ([93, 480, 832], "the published 480p 93-frame bucket of longcat-13.6b")}
+
+
+def _bucket(ours: dict, c) -> tuple[list, str | None]:
+    """The bucket to plan and, when it was not given as ``data.bucket``, where it came from: the first of
+    ``data.buckets`` of a data config of your own (``data=shards``), else the model preset's published
+    bucket. The embedded default's tiny synthetic clip is never planned silently: that is an error."""
+    import yaml
+
+    if "data.bucket" in ours:
+        return yaml.safe_load(ours["data.bucket"]), None
+    if not c.synthetic.enabled:
+        return list(c.data.buckets[0]), "the first of data.buckets"
+    model = c.hydra.runtime.choices.get("model")
+    if model in PUBLISHED_BUCKETS:
+        bucket, source = PUBLISHED_BUCKETS[model]
+        return list(bucket), source
+    raise ConfigError(f"data.bucket: give the clip to plan, e.g. data.bucket=[93,480,832] (frames, height, width "
+                      f"in pixels); model={model} has no published bucket and the embedded synthetic data's "
+                      f"{list(c.data.buckets[0])} is not a real one")
 
 
 def main(argv=None) -> int:
@@ -355,6 +385,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"lcv-plan: {e}", file=sys.stderr)
         return 2
+    finally:
+        logging.disable(logging.NOTSET)  # main() may run inside another program (the tests)
     as_json = _split_args(argv)[0].get("json", "false").lower() in ("1", "true", "yes")
     print(json.dumps(p, indent=1) if as_json else format_plan(p))
     return 0

@@ -17,7 +17,7 @@ import torch
 
 from lcv_train.errors import CheckpointError
 from lcv_train.lora import is_lora_name
-from lcv_train.model.config import DiTConfig
+from lcv_train.model.config import PRESETS, DiTConfig
 
 log = logging.getLogger("lcv_train")
 
@@ -90,6 +90,21 @@ def _model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {canonical_name(k): tuple(getattr(v, "ds_shape", v.shape)) for k, v in tensors if not is_lora_name(k)}
 
 
+def _fitting_model(have: DiTConfig, keys: tuple[str, ...], differ: list[str]) -> str:
+    """How to build the model a checkpoint was written for: the preset whose values it has, else the
+    overrides of every differing key."""
+    from lcv_train.model.config import preset
+
+    for name in PRESETS:
+        if all(getattr(preset(name), k) == getattr(have, k) for k in keys):
+            return f"use model={name}"
+    return "use " + " ".join(f"model.{k}={_override(getattr(have, k))}" for k in differ)
+
+
+def _override(v) -> str:
+    return "[" + ",".join(str(x) for x in v) + "]" if isinstance(v, (list, tuple)) else str(v)
+
+
 def check_published_dit(model: torch.nn.Module, path: str | Path) -> Path:
     """Check, from ``config.json`` and the safetensors headers only, that the published DiT at ``path`` loads
     strictly into ``model``; raise ``CheckpointError`` naming the first key that does not. Cheap: every
@@ -97,11 +112,13 @@ def check_published_dit(model: torch.nn.Module, path: str | Path) -> Path:
     d = dit_dir(path)
     have = read_dit_config(d)
     want = model.config
-    for key in ("hidden_size", "depth", "num_heads", "in_channels", "out_channels", "caption_channels",
-                "adaln_tembed_dim", "patch_size"):
-        if getattr(have, key) != getattr(want, key):
-            raise CheckpointError(f"{d / 'config.json'}: {key}={getattr(have, key)} but model.{key}="
-                                  f"{getattr(want, key)}; use model=longcat-13.6b (or matching overrides)")
+    keys = ("hidden_size", "depth", "num_heads", "in_channels", "out_channels", "caption_channels",
+            "adaln_tembed_dim", "patch_size")
+    differ = [k for k in keys if getattr(have, k) != getattr(want, k)]
+    if differ:
+        k = differ[0]
+        raise CheckpointError(f"{d / 'config.json'}: {k}={getattr(have, k)} but model.{k}={getattr(want, k)}; "
+                              f"{_fitting_model(have, keys, differ)}")
     shapes, own = _published_shapes(d), _model_shapes(model)
     lora = sorted(k for k in shapes if is_lora_name(k))
     if lora:
@@ -148,6 +165,14 @@ def load_published_dit(model: torch.nn.Module, path: str | Path) -> None:
     assert not unexpected and all(is_lora_name(k) for k in missing), (missing, unexpected)
 
 
+def _normal_file_mode(path: Path) -> None:
+    """safetensors writes its files 0600 (it writes a temporary file and renames it); give the exported
+    weights the mode any other new file gets (0644 under the usual umask 022), so others can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def export_published_dit(state_dict: dict[str, torch.Tensor], config: DiTConfig, out: str | Path,
                          max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = torch.bfloat16) -> Path:
     """Write ``out/dit/config.json`` and sharded safetensors; returns the ``dit`` folder. Written to a
@@ -179,6 +204,7 @@ def export_published_dit(state_dict: dict[str, torch.Tensor], config: DiTConfig,
     for i, shard in enumerate(shards):
         name = SINGLE_NAME if len(shards) == 1 else f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        _normal_file_mode(tmp / name)
         weight_map.update({k: name for k in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for s in shards for t in s.values())

@@ -28,12 +28,45 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     fh.setFormatter(fmt)
     fh._lcv = True
     root.addHandler(fh)
-    if rank == 0:
+    console = [h for h in root.handlers if _is_console(h)]  # Hydra's (INFO, to stdout) under lcv-train
+    for h in console:  # each skipped sample goes to the log file; the loader warns once per reason
+        if _not_per_sample not in h.filters:
+            h.addFilter(_not_per_sample)
+    if rank != 0:
+        for h in console:  # other ranks' lines are in their log files; the console gets their warnings only
+            h.setLevel(max(h.level, logging.WARNING))
+    elif not console:  # one console handler, so that a warning is printed once
         sh = logging.StreamHandler(sys.stderr)
         sh.setLevel(logging.WARNING)
         sh.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         sh._lcv = True
         root.addHandler(sh)
+
+
+def _not_per_sample(record: logging.LogRecord) -> bool:
+    return not record.name.startswith("data_loaders.skipped")
+
+
+def _is_console(h: logging.Handler) -> bool:
+    return type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)
+
+
+class _AboveTheBar(logging.Handler):
+    """A console handler's lines written above the progress bar (``tqdm.write``) instead of onto its line."""
+
+    def __init__(self, inner: logging.StreamHandler):
+        super().__init__(inner.level)
+        self.inner = inner
+        self.setFormatter(inner.formatter)
+        self.filters = list(inner.filters)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.inner.stream)
+        except Exception:
+            self.handleError(record)
 
 
 class MetricsLogger:
@@ -52,23 +85,34 @@ class MetricsLogger:
             if mode != "disabled":
                 import wandb
 
+                self.wandb_mode = mode
+                # quiet: no history / summary tables at the end; close() prints one line instead
                 self.wandb = wandb.init(project=cfg.project, name=run_dir.name, dir=str(run_dir), mode=mode,
-                                        config=config_dict, resume="allow", id=_wandb_id(run_dir))
+                                        config=config_dict, resume="allow", id=_wandb_id(run_dir),
+                                        settings=wandb.Settings(quiet=True))
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         disable=os.environ.get("LCV_NO_PROGRESS") == "1")
+        self._console: list[tuple[logging.StreamHandler, logging.Handler]] = []
+        if not self.bar.disable:  # log lines go above the bar, never onto its line
+            root = logging.getLogger()
+            for h in [h for h in root.handlers if _is_console(h)]:
+                above = _AboveTheBar(h)
+                root.removeHandler(h)
+                root.addHandler(above)
+                self._console.append((h, above))
 
     def log(self, step: int, metrics: dict[str, float], advance: int = 1) -> None:
         if self.rank != 0:
             return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
-        if self.bar is not None:
-            self.bar.update(advance)
+        if self.bar is not None:  # the postfix first: the refresh in update() shows this step's loss
             self.bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}",
                                  step_s=f"{metrics.get('perf/step_time_s', 0):.2f}",
                                  tok_s=f"{metrics.get('perf/tokens_per_s', 0):.0f}", refresh=False)
+            self.bar.update(advance)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
@@ -81,8 +125,19 @@ class MetricsLogger:
             self.jsonl.close()
         if self.bar is not None:
             self.bar.close()
+            root = logging.getLogger()
+            for h, above in self._console:
+                root.removeHandler(above)
+                root.addHandler(h)
+            self._console = []
         if self.wandb is not None:
+            if self.wandb_mode == "offline":
+                where = os.path.relpath(self.wandb.settings.sync_dir)
+                line = f"W&B: offline run in {where} (upload it with `wandb sync {where}`)"
+            else:
+                line = f"W&B: {self.wandb.url}"
             self.wandb.finish()
+            print(line, file=sys.stderr)
 
 
 def keep_rows_up_to(path: Path, step: int) -> None:

@@ -221,7 +221,7 @@ class Trainer:
 
         data = dict(self.cfg.data)
         syn = self.cfg.synthetic
-        if syn.enabled:
+        if syn.enabled and not data.get("shards"):  # given shards (e.g. from `lcv-data synth`) are what it trains on
             from data_loaders.synthetic import ensure_synthetic_shards
 
             root = Path(syn.dir).expanduser()
@@ -395,8 +395,6 @@ class Trainer:
         metrics_logger = MetricsLogger(cfg.logger, self.run_dir, self.rank, total, self.progress.step,
                                        self.config_dict)
         self._install_signal_handlers()
-        if self.resumed_from is not None:
-            metrics_logger.write(f"resumed from {self.resumed_from} at step {self.progress.step}")
         data_iter = iter(self.loader)
         last_saved = self.progress.step if self.resumed_from is not None else -1
         first_loss = None

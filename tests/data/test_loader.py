@@ -291,10 +291,13 @@ def test_resume_on_other_world_size_restarts_epoch(syn_dir, caplog):
     assert len(b["keys"]) == 4
 
 
-def test_filters_that_remove_everything_fail_clearly(syn_dir):
-    cfg = cfg_for(syn_dir, filters=FilterConfig(min_aesthetic=100.0), max_empty_epochs=2)
-    with pytest.raises(DataError, match="no usable sample"):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_filters_that_remove_everything_fail_clearly(syn_dir, workers):
+    """In one line, also from a worker process (not the worker's traceback)."""
+    cfg = cfg_for(syn_dir, filters=FilterConfig(min_aesthetic=100.0), max_empty_epochs=2, num_workers=workers)
+    with pytest.raises(DataError, match="no usable sample") as e:
         next(iter(build_loader(cfg, 0, 1, 0)))
+    assert str(e.value).startswith("data: subset") and "\n" not in str(e.value), str(e.value)
 
 
 def test_resume_exact_without_index(syn_dir):

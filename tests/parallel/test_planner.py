@@ -10,6 +10,7 @@ from lcv_train.errors import ConfigError
 from lcv_train.model.config import preset
 from parallel import ParallelConfig
 from parallel import planner
+from tests.optional import needs
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ def test_fsdp_256_ranks_real_sharding(big):
     assert s.params_total / 256 <= s.params_local <= s.params_total / 256 * 1.01
 
 
+@needs("megatron")
 def test_tp2_cp2_hsdp_real_sharding_matches_formula(big):
     cfg = ParallelConfig(name="x", dp_replicate=2, tp=2, cp=2, activation_checkpointing=1)
     s = planner.real_sharding(big, cfg, 256)  # dp_replicate 2 x dp_shard 32 x cp 2 x tp 2

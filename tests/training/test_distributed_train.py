@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.training._runs import env, lcv_train, losses, tiny_overrides
+from tests.optional import needs
 
 
 def torchrun(args, cwd, nproc=2):
@@ -132,6 +133,7 @@ def test_init_from_published_weights_on_meta_matches_single_process(single_proce
         torchrun(o + ["run.name=init_bad", "parallel=fsdp", "parallel.cp=2", "parallel.backend=gloo"], cwd=tmp)
 
 
+@needs("deepspeed")
 def test_zero3_training_with_ema_resumes_exactly_and_exports(tmp_path):
     """DeepSpeed ZeRO-3 with an EMA of the partitioned weights: 2+1 steps equal 3 straight (weights and
     EMA), the checkpoint holds whole EMA tensors, and lcv-export writes them in the published layout."""
@@ -162,6 +164,7 @@ def test_zero3_training_with_ema_resumes_exactly_and_exports(tmp_path):
         torch.testing.assert_close(exported[k[len("ema."):]], v, rtol=0, atol=0, msg=k)
 
 
+@needs("deepspeed")
 def test_zero3_builds_the_model_partitioned_with_the_single_process_weights(tmp_path):
     """ZeRO-3 on 2 ranks builds the DiT partitioned (deepspeed.zero.Init) and fills it tensor by tensor:
     random init equals one process's, and trainer.init_from gives exactly the published weights (checked
@@ -186,6 +189,7 @@ def test_zero3_builds_the_model_partitioned_with_the_single_process_weights(tmp_
         torch.testing.assert_close(loaded["engine.model." + k], v.bfloat16().float(), rtol=0, atol=1e-20, msg=k)
 
 
+@needs("megatron")
 def test_tensor_parallel_training_resumes_exactly_with_ema(tmp_path):
     """tp=2 splits attention and FFN weights (megatron-core); model, optimizer and EMA are saved per TP rank."""
     root, data = tmp_path / "runs", tmp_path / "data"
