@@ -155,7 +155,10 @@ MUTATIONS: list[Mutation] = [
     M("ema_never_updated", "lcv_train/training/trainer.py",
       "self.progress.step % cfg.ema.every == 0", "self.progress.step % cfg.ema.every != 0", MECH),
     M("ema_updated_before_step", "lcv_train/training/trainer.py",
-      "        grad_norm = self.engine.step()\n", "        self.ema.update()\n        grad_norm = self.engine.step()\n",
+      "        grad_norm = self.engine.step()\n        self.lr_scheduler.step()\n        self.progress.step += 1\n"
+      "        if self.ema is not None and self.progress.step % cfg.ema.every == 0:\n            self.ema.update()\n",
+      "        if self.ema is not None and (self.progress.step + 1) % cfg.ema.every == 0:\n            self.ema.update()\n"
+      "        grad_norm = self.engine.step()\n        self.lr_scheduler.step()\n        self.progress.step += 1\n",
       MECH),
     M("logged_loss_not_averaged", "lcv_train/training/trainer.py",
       "\"train/loss\": loss_sum / cfg.trainer.grad_accum", "\"train/loss\": loss_sum", MECH),
@@ -211,7 +214,9 @@ def _run_tests(root: Path, tests: list[str], timeout: int) -> tuple[str, float, 
     env.pop("WANDB_API_KEY", None)
     t0 = time.time()
     try:
-        p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
+        # the suite's per-test timeout is sized for an idle machine; here only the mutation's timeout counts
+        p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o",
+                            f"timeout={timeout}", *tests], cwd=root,
                            env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "killed (timeout)", time.time() - t0, ""
