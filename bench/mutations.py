@@ -13,7 +13,7 @@ For each, a copy of the working tree (without .git) gets the replacement and run
 (``pytest -x``, with the copy first on PYTHONPATH, so subprocess and multi-process tests use the copy too).
 A mutation is *killed* when a test fails (or errors, or times out), *survived* when all pass. A
 replacement whose text is not found exactly once is reported as *stale* (the code moved: update it here).
-Outside CI on purpose: the full list takes about an hour on 2 cores. Scores are in bench/RESULTS.md.
+Outside CI on purpose: the full list took about an hour on the shared 2-core box. Scores are in bench/RESULTS.md.
 """
 
 from __future__ import annotations
