@@ -120,13 +120,69 @@ def test_sigma_schedule_and_guidance():
 
 
 def test_text_dropout_replaces_whole_samples_by_the_null_text():
+    """Rate and form of caption dropout. The count of dropped captions of n = 4000 at rate 0.25 must lie
+    within 4 binomial standard deviations (rates 0.225..0.275): a planted rate of 0.15 or 0.35, or a
+    comparison that drops with probability 1 - p, fails (the seed is fixed, so the test is deterministic)."""
     from lcv_train.diffusion import drop_text, null_text
 
-    text, mask = torch.randn(64, 5, 8), torch.ones(64, 5, dtype=torch.bool)
-    t2, m2 = drop_text(text, mask, 0.25, torch.Generator().manual_seed(0))
+    n, p = 4000, 0.25
+    text, mask = torch.randn(n, 5, 8), torch.ones(n, 5, dtype=torch.bool)
+    t2, m2 = drop_text(text, mask, p, torch.Generator().manual_seed(0))
     nt, nm = null_text(text, mask)
     dropped = (t2 == 0).all(dim=(1, 2))
-    assert 5 <= int(dropped.sum()) <= 30  # ~16 of 64
+    sd = math.sqrt(n * p * (1 - p))
+    lo, hi = n * p - 4 * sd, n * p + 4 * sd
+    assert hi < n * 0.35 - 4 * math.sqrt(n * 0.35 * 0.65) and lo > n * 0.15 + 4 * math.sqrt(n * 0.15 * 0.85)
+    assert lo <= int(dropped.sum()) <= hi, int(dropped.sum())
     assert torch.equal(m2[dropped], nm[dropped]) and torch.equal(t2[~dropped], text[~dropped])
+    assert torch.equal(m2[~dropped], mask[~dropped])
     assert nm[:, 0].all() and not nm[:, 1:].any()
     assert drop_text(text, mask, 0.0)[0] is text
+    assert (drop_text(text, mask, 1.0)[0] == 0).all()
+
+
+def _logit_normal_median(logit_mean: float) -> float:
+    return 1 / (1 + math.exp(-logit_mean))
+
+
+def test_sample_sigmas_median_is_the_shifted_logit_normal_median():
+    """The shift is applied by ``sample_sigmas``: with logit mean 0.3 (median m = sigmoid(0.3)) and a
+    sequence past ``shift_tokens_max`` (shift s = shift_max = 5), the median sigma is s*m / (1 + (s-1)*m)
+    = 0.871 (the unshifted median is 0.574). Catches: the shift dropped from ``sample_sigmas`` (or applied
+    with 1/s)."""
+    cfg = FlowMatchingConfig(logit_mean=0.3, logit_std=1.0, shift_min=1.0, shift_max=5.0, shift_tokens_min=256,
+                             shift_tokens_max=1024)
+    s, m = 5.0, _logit_normal_median(0.3)
+    sig = sample_sigmas(4000, cfg, 5000, torch.Generator().manual_seed(0))
+    # the sample median's standard deviation here is ~0.002
+    assert float(sig.median()) == pytest.approx(s * m / (1 + (s - 1) * m), abs=0.01)
+    assert ((sig > 0) & (sig < 1)).all()
+
+
+def test_training_timesteps_use_the_shift_of_the_noisy_token_count():
+    """Through the flow-matching stage (what the trainer calls): timesteps are 1000 * sigma with the
+    shift of the *noisy* tokens only. Anchors 8 -> shift 1 and 32 -> shift 4, log-linear between; the
+    batch has 1 condition + 1 noisy frame of 4 x 4 patches = 16 noisy tokens, so s = 4 ** (1/3), and the
+    median timestep is 1000 * s*m / (1 + (s-1)*m) with m = 0.5. Catches: counting condition frames as
+    noisy (s = 4), the shift dropped (s = 1), timesteps not scaled by 1000."""
+    from lcv_train.config import StageConfig
+    from lcv_train.model import preset
+    from lcv_train.stages import StageBatch, build_stage
+
+    dcfg = FlowMatchingConfig(shift_min=1.0, shift_max=4.0, shift_tokens_min=8, shift_tokens_max=32, text_dropout=0.0)
+    stage = build_stage(StageConfig(name="video_pretrain"), dcfg, preset("tiny"))
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, text, text_mask=None, num_cond_latents=0):
+            seen["t"], seen["x"] = t, x
+            return torch.zeros_like(x)
+
+    B = 4000
+    x0 = torch.randn(B, 16, 2, 8, 8)
+    stage.loss(Recorder(), StageBatch(x0, torch.randn(B, 3, 32), torch.ones(B, 3, dtype=torch.bool), 1),
+               torch.Generator().manual_seed(0))
+    t = seen["t"]
+    assert (t[:, 0] == 0).all()
+    s, m = 4.0 ** (1 / 3), 0.5
+    assert float(t[:, 1].median()) == pytest.approx(1000 * s * m / (1 + (s - 1) * m), abs=20)  # sd ~5
