@@ -68,8 +68,13 @@ def _mean(xs):
     return sum(xs) / max(len(xs), 1)
 
 
+_task_started = False  # set once Hydra has composed the config and handed it to the task
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
     try:
         summary = run(cfg)
     except _user_errors() as e:
@@ -104,7 +109,14 @@ def train_main() -> None:
     from lcv_train.multinode import hydra_rank_overrides
 
     sys.argv += hydra_rank_overrides(sys.argv[1:])  # ranks > 0 leave the run folder's shared files alone
-    _hydra_main()
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        # Hydra refused the command line (an unknown key, a bad override) before the task ran: it has
+        # printed why and exits 1, which torchrun would take for a fault and retry. It is a user error.
+        if e.code == 1 and not _task_started:
+            _fail("the command line was refused (Hydra's message above)")
+        raise
 
 
 if __name__ == "__main__":

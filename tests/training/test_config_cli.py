@@ -96,6 +96,8 @@ def test_cli_help_cfg_and_one_line_errors(tmp_path):
     p = cli("optim.lr=-1", f"run.root={tmp_path}", cwd=tmp_path)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == "lcv-train: error: optim.lr: must be > 0, got -1.0"
+    # Hydra's own refusal is a user error too: exit 2 (exit 1 would make torchrun restart the job).
     p = cli("trainer.no_such_key=1", cwd=tmp_path)
-    assert p.returncode != 0 and "no_such_key" in p.stderr
+    assert p.returncode == 2 and "no_such_key" in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "lcv-train: error: the command line was refused (Hydra's message above)"
 
