@@ -178,10 +178,10 @@ def test_model_rotates_its_attention_inputs_per_axis():
     seen = {}
 
     class Recording(AttentionOp):
-        def self_attention(self, q, k, v, q_grid, kv_grid):
+        def self_attention(self, q, k, v, q_grid, kv_grid, clip_frames=None):
             seen.setdefault("q", q.detach().clone())
             seen.setdefault("k", k.detach().clone())
-            return super().self_attention(q, k, v, q_grid, kv_grid)
+            return super().self_attention(q, k, v, q_grid, kv_grid, clip_frames)
 
     attn = m.blocks[0].attn
     attn.q_norm.register_forward_hook(lambda mod, i, o: seen.setdefault("q_in", o.detach().clone()))
