@@ -67,6 +67,15 @@ class SubsetPlan:
     units: list[Unit]
 
 
+def pick_caption(meta: dict[str, Any], seed: int, epoch: int, key: str) -> Optional[str]:
+    """The caption to train on: one of ``captions`` (a curated clip's augmented captions, ``lcv-data
+    curate``) drawn from (seed, epoch, key) alone, so a resumed run sees the same one; else ``caption``."""
+    options = [c for c in meta.get("captions") or [] if isinstance(c, str) and c.strip()]
+    if not options:
+        return meta.get("caption")
+    return options[zlib.crc32(f"{seed}:{epoch}:{key}".encode()) % len(options)]
+
+
 @dataclass
 class Plan:
     """Everything a reader needs; picklable, so DataLoader workers get a copy."""
@@ -418,7 +427,7 @@ class Reader:
             except (ValueError, UnicodeDecodeError) as e:
                 self._bad("bad_metadata", url, key, str(e))
                 return None
-        caption = meta.get("caption")
+        caption = pick_caption(meta, self.plan.seed, epoch, key)
         if caption is None and "txt" in raw:
             caption = raw["txt"].decode("utf-8", "replace")
         if kind == "latent":

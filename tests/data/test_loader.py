@@ -338,3 +338,21 @@ def test_video_to_float_maps_the_byte_range_onto_minus_one_one():
     torch.testing.assert_close(x, torch.tensor([-1.0, -1 + 2 / 255, 1 / 255, 1 - 2 / 255, 1.0]))
     with pytest.raises(TypeError, match="uint8"):
         video_to_float(torch.zeros(3))
+
+
+def test_pick_caption_draws_one_of_the_augmented_captions_per_seed_epoch_and_key():
+    """A curated clip carries several captions (``lcv-data curate``'s augmentation): training draws one
+    from (seed, epoch, key) alone, so a resumed run sees the same caption; without ``captions`` it is
+    ``caption``. Catches a loader that ignores ``captions`` or draws from a stateful RNG."""
+    from data_loaders.pipeline import pick_caption
+
+    meta = {"caption": "plain", "captions": ["a", "b", "c", ""]}
+    draws = [pick_caption(meta, 0, epoch, f"k{i}") for epoch in range(3) for i in range(200)]
+    assert set(draws) == {"a", "b", "c"}  # every non-empty option is used, the empty one never
+    for option in "abc":  # roughly uniform: 600 draws, 200 expected each
+        assert 140 < draws.count(option) < 260
+    assert pick_caption(meta, 0, 1, "k7") == pick_caption(dict(meta), 0, 1, "k7")
+    assert [pick_caption(meta, 0, e, "k7") for e in range(12)] != [pick_caption(meta, 0, 0, "k7")] * 12
+    assert pick_caption({"caption": "plain"}, 0, 0, "k") == "plain"
+    assert pick_caption({"caption": "plain", "captions": [None, " "]}, 0, 0, "k") == "plain"
+    assert pick_caption({}, 0, 0, "k") is None
