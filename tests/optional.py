@@ -1,4 +1,5 @@
-"""Optional packages some tests need: DeepSpeed (the ZeRO engines) and megatron-core (tensor parallelism).
+"""Optional packages some tests need: DeepSpeed (the ZeRO engines), megatron-core (tensor parallelism), the
+curation extra (PySceneDetect, OpenCV, pandas, Ray) and Triton (a Linux-only dependency).
 
 `pip install -e ".[dev]"` installs both. When one is missing, only the tests that need it are skipped, with
 the reason in the summary; the others still run. Under CI (``CI`` set) a missing package fails those tests
@@ -13,7 +14,8 @@ import os
 import pytest
 
 INSTALL_HINT = 'pip install -e ".[dev]" installs it'
-PACKAGES = {"deepspeed": "DeepSpeed", "megatron": "megatron-core"}
+PACKAGES = {"deepspeed": "DeepSpeed", "megatron": "megatron-core", "scenedetect": "PySceneDetect",
+            "cv2": "OpenCV", "pandas": "pandas", "ray": "Ray", "triton": "Triton"}
 
 
 def in_ci() -> bool:

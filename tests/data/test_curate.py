@@ -18,9 +18,11 @@ import av
 import numpy as np
 import pytest
 
-pytest.importorskip("scenedetect")
-pytest.importorskip("cv2")
-pd = pytest.importorskip("pandas")
+from tests.optional import require  # noqa: E402
+
+for _module in ("scenedetect", "cv2", "pandas"):  # the curate extra; `.[dev]` has it, CI fails without it
+    require(_module)
+import pandas as pd  # noqa: E402
 
 from _curate_media import BARS, CUTS, FPS, make_raw_videos  # noqa: E402
 
@@ -213,7 +215,7 @@ def test_failing_file_is_counted_and_retried(raw, tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_model_scorer_captioner_and_translation_hooks(raw, tmp_path):
     """A local TorchScript scorer fills its column; a captioner and a translation hook are called."""
-    torch = pytest.importorskip("torch")
+    import torch
 
     class Brightness(torch.nn.Module):
         def forward(self, x):
@@ -247,7 +249,7 @@ def test_bad_options_exit_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_ray_engine_gives_the_same_table(raw, curated, tmp_path):
     """`ray start --head` on this machine; the same input through --engine ray gives the same table."""
-    pytest.importorskip("ray")
+    require("ray")
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -298,7 +300,7 @@ def test_clusters_and_weights_tfidf():
 
 def test_local_sentence_embedding_model(tmp_path):
     """A local model directory (here a tiny random BERT) embeds the captions instead of TF-IDF."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from data_loaders.curate.cluster import embed
 
     words = "a red car drives on road blue ocean waves".split()

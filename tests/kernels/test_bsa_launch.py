@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.optional import require
+
 from kernels.bsa.launch_space import (ARCHS, DTYPES, KERNELS, LAUNCH_16BIT, check_supported, kernel_configs,
                                       launch_options, target_arch, tile_shape)
 
@@ -75,14 +77,12 @@ def test_autotuner_benchmarks_only_the_launch_space_of_the_device():
     """The GPU autotuner (built only without the interpreter, so probed in a fresh process with a faked
     compute capability) keeps exactly launch_space's candidates for the kernel, dtype and target; catches
     a tuner that would try a configuration the compile test never checked (e.g. one that spills)."""
-    import importlib.util
     import json
     import os
     import subprocess
     import sys
 
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
+    require("triton")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
