@@ -7,6 +7,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from data_loaders import DataConfig
 from data_loaders.decode import encode_jpg, encode_mp4
 from data_loaders.shards import ShardSetWriter
 
@@ -59,3 +60,11 @@ def all_keys(out_dir: str) -> set[str]:
             for m in tf:
                 keys.add(m.name.split(".", 1)[0])
     return keys
+
+
+def small_config(shards: str, **kw: Any) -> DataConfig:
+    """A one-epoch, single-process loader config on the kit's 9x32x32 clips that tolerates bad samples."""
+    base = dict(shards=[shards], buckets=[[9, 32, 32]], batch_size=2, num_workers=0, epochs=1, max_bad_fraction=0.9,
+                bad_min_samples=1)
+    base.update(kw)
+    return DataConfig(**base)

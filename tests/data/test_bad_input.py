@@ -8,15 +8,8 @@ import os
 
 import pytest
 
-from _datakit import truncate, video_sample, write_set
+from _datakit import small_config as _cfg, truncate, video_sample, write_set
 from data_loaders import DataConfig, DataError, build_loader
-
-
-def _cfg(shards, **kw):
-    base = dict(shards=[shards], buckets=[[9, 32, 32]], batch_size=2, num_workers=0, epochs=1, max_bad_fraction=0.9,
-                bad_min_samples=1)
-    base.update(kw)
-    return DataConfig(**base)
 
 
 @pytest.fixture()
