@@ -180,3 +180,15 @@ def start_process_group(cfg: ParallelConfig, timeout_s: float | None = None) -> 
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     dist.init_process_group(backend=backend, **kwargs)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (one scalar all-reduce; ``flag`` itself outside
+    torch.distributed), so that all ranks take the same branch: stop, skip a step, abandon a save."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -42,6 +42,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from lcv_train.errors import CheckpointError
+from parallel.dims import any_rank as _any_rank
 
 log = logging.getLogger(__name__)
 
@@ -255,17 +256,6 @@ class Checkpointer:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any (so all ranks take the same branch)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 

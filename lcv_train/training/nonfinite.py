@@ -17,34 +17,25 @@ import logging
 import math
 
 import torch
-import torch.distributed as dist
 
 from lcv_train.errors import TrainingDiverged
+from parallel.dims import any_rank
 
 log = logging.getLogger("lcv_train")
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 class NonFiniteGuard:
     """Counts non-finite steps in a row and stops the run when there are too many."""
 
-    def __init__(self, max_skipped_in_a_row: int, can_skip: bool, device: torch.device):
+    def __init__(self, max_skipped_in_a_row: int, can_skip: bool):
         self.limit = max_skipped_in_a_row if can_skip else 0
         self.can_skip = can_skip
-        self.device = device
         self.in_a_row = 0
         self.skipped = 0  # in this process's lifetime (a metric)
 
     def loss_is_finite(self, loss: float) -> bool:
         """Whether the step's loss is finite on every rank (one collective under torch.distributed)."""
-        return not _any_rank(not math.isfinite(loss), self.device)
+        return not any_rank(not math.isfinite(loss))
 
     def after_step(self, step: int, loss: float, grad_norm: float, loss_finite: bool) -> bool:
         """Record step ``step``; True when its update was skipped. Raises ``TrainingDiverged`` past the limit."""
@@ -67,7 +58,7 @@ class NonFiniteGuard:
         """Raise ``TrainingDiverged`` rather than let a checkpoint of non-finite weights be written."""
         finite = [torch.isfinite(t).all() for t in (_local(p) for p in model.parameters()) if t.numel()]
         ok = bool(torch.stack(finite).all()) if finite else True
-        if _any_rank(not ok, self.device):
+        if any_rank(not ok):
             raise TrainingDiverged(f"step {step}: the model's weights are not finite; not writing a checkpoint (the "
                                    f"last one on disk is intact). Lower optim.lr and resume from it")
 

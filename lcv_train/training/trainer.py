@@ -32,7 +32,7 @@ from lcv_train.training.schedule import build_lr_scheduler
 from lcv_train.training.fingerprint import check_same_config
 from lcv_train.training.watchdog import PhaseWatchdog
 from parallel import build_engine, init_distributed, parallelize_model
-from parallel.dims import start_process_group
+from parallel.dims import any_rank, start_process_group
 
 log = logging.getLogger("lcv_train")
 
@@ -133,7 +133,7 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.engine.optimizer, cfg.schedule, cfg.trainer.max_steps)
         self.ema = build_ema(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
         self.progress = Progress()
-        self.nonfinite = NonFiniteGuard(cfg.trainer.skip_nonfinite_steps, self.engine.can_skip_nonfinite, self.device)
+        self.nonfinite = NonFiniteGuard(cfg.trainer.skip_nonfinite_steps, self.engine.can_skip_nonfinite)
 
         self.loader = self._build_loader(data_cfg)
         # Noise differs across data-parallel replicas but not across the cp/tp ranks of one replica,
@@ -355,12 +355,7 @@ class Trainer:
                 pass
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
-        if dist.is_initialized():
-            if dist.get_backend() == "nccl":
-                flag = flag.to(self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(self._stop_requested)
 
     def _core_model(self) -> LongCatDiT:
         m = self.model

@@ -16,7 +16,7 @@ def _setup(limit):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     engine = TorchEngine(model, torch.optim.AdamW(model.parameters(), lr=0.1), grad_clip=1.0)
-    return model, engine, NonFiniteGuard(limit, engine.can_skip_nonfinite, torch.device("cpu"))
+    return model, engine, NonFiniteGuard(limit, engine.can_skip_nonfinite)
 
 
 def _step(model, engine, guard, step, poison=False):
@@ -77,7 +77,7 @@ def test_too_many_in_a_row_stop_with_one_line_naming_the_step():
 
 
 def test_an_engine_that_cannot_skip_stops_at_the_first():
-    guard = NonFiniteGuard(5, can_skip=False, device=torch.device("cpu"))
+    guard = NonFiniteGuard(5, can_skip=False)
     with pytest.raises(TrainingDiverged, match="step 7: .*cannot skip"):
         guard.after_step(7, float("nan"), float("nan"), False)
 
