@@ -26,17 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.launch._nodes import Node, free_port, start_store, steps_logged, train_args, wait_for_step  # noqa: E402
+from tests.launch._nodes import Node, free_port, start_mismatched_nodes, start_store, steps_logged, train_args, wait_for_step  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 
 
 def mismatch(tmp: Path) -> float:
-    endpoint = f"127.0.0.1:{free_port()}"
-    args = train_args(tmp, "trainer.max_steps=3")
     t0 = time.monotonic()
-    a = Node("A", tmp, endpoint, args, LCV_NPROC_PER_NODE="1")
-    b = Node("B", tmp, endpoint, [*args, "optim.lr=5e-4"], LCV_NPROC_PER_NODE="1")
+    a, b = start_mismatched_nodes(tmp)
     try:
         assert (a.wait(300), b.wait(300)) == (2, 2), a.log()[-2000:] + b.log()[-2000:]
     finally:

@@ -105,3 +105,12 @@ def wait_for_step(rank_log: Path, step: int, nodes: list[Node], timeout: float =
             assert n.proc.poll() is None, f"node {n.name} exited {n.proc.returncode}\n{n.log()[-4000:]}"
         assert time.monotonic() < deadline, f"step {step} not reached\n" + "\n".join(n.log()[-3000:] for n in nodes)
         time.sleep(0.2)
+
+
+def start_mismatched_nodes(tmp: Path) -> tuple[Node, Node]:
+    """Two one-rank nodes of one job whose configs differ in one key (node B: ``optim.lr=5e-4``)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = train_args(tmp, "trainer.max_steps=3")
+    a = Node("A", tmp, endpoint, args, LCV_NPROC_PER_NODE="1")
+    b = Node("B", tmp, endpoint, [*args, "optim.lr=5e-4"], LCV_NPROC_PER_NODE="1")
+    return a, b

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ._nodes import Node, free_port, start_store, steps_logged, train_args, wait_for_step
+from ._nodes import Node, free_port, start_mismatched_nodes, start_store, steps_logged, train_args, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -17,11 +17,8 @@ def test_nodes_with_different_configs_stop_at_once_naming_the_key(tmp_path):
     """Catches: node B started with another optim.lr trained side by side with node A at a different lr,
     and exited 0 (or, with another checkpoint_every, hung at the first save). Now both nodes stop before
     training, with one line naming the key, exit 2, and no elastic restart (3 were allowed)."""
-    endpoint = f"127.0.0.1:{free_port()}"
-    args = train_args(tmp_path, "trainer.max_steps=3")
     t0 = time.monotonic()
-    a = Node("A", tmp_path, endpoint, args, LCV_NPROC_PER_NODE="1")
-    b = Node("B", tmp_path, endpoint, [*args, "optim.lr=5e-4"], LCV_NPROC_PER_NODE="1")
+    a, b = start_mismatched_nodes(tmp_path)
     try:
         rc_a, rc_b = a.wait(180), b.wait(180)
     finally:
