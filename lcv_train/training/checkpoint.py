@@ -206,8 +206,8 @@ class Checkpointer:
     def _abandon(self, name: str, tmp: Path, previous: Path | None, error: BaseException | None) -> None:
         """A rank failed to write: remove the partial ``.tmp`` and raise one line (a full disk names its
         directory and the space needed)."""
+        written = _tree_bytes(tmp)  # before the barrier: after it, rank 0 removes the directory
         _barrier()
-        written = _tree_bytes(tmp) if tmp.is_dir() else 0
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
@@ -261,7 +261,15 @@ def free_bytes(directory: Path) -> int:
 
 
 def _tree_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    """Bytes of the files under ``path``; 0 for a missing directory."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except FileNotFoundError:  # removed while we walk (another rank abandoning); it no longer counts
+                pass
+    return total
 
 
 def _size(n: int) -> str:
