@@ -3,7 +3,7 @@ and validated once at start-up. Every error names the key and the constraint (``
 
 Sections owned elsewhere are validated by their owners: ``data`` (``data_loaders.DataConfig``),
 ``vae`` / ``text_encoder`` (``lcv_train.encoders``), ``parallel`` (``parallel.ParallelConfig``),
-``model`` (``lcv_train.model.DiTConfig``), ``diffusion`` (``FlowMatchingConfig``).
+``model`` (``lcv_train.model.DiTConfig``), ``diffusion`` (``FlowMatchingConfig``), ``stage`` (the config class of its kind, ``lcv_train.stages``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from lcv_train.errors import ConfigError, require
 from lcv_train.lora import LoRAConfig
 from lcv_train.model.config import DiTConfig
 from lcv_train.sampling import SamplerConfig
+from lcv_train.stages import StageConfig, stage_config_class
 from parallel.config import ParallelConfig
 
 
@@ -108,20 +109,6 @@ class TrainerConfig:
         require(self.collective_timeout_s > 0, "trainer.collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
         require(self.save_timeout_s >= self.collective_timeout_s, "trainer.save_timeout_s",
                 f"must be >= trainer.collective_timeout_s ({self.collective_timeout_s}), got {self.save_timeout_s}")
-        return self
-
-
-@dataclass
-class StageConfig:
-    """What differs between training stages: the loss, which parameters train (the task mix and
-    buckets live in ``data``)."""
-
-    name: str = "video_pretrain"
-    kind: str = "flow_matching"
-    trainable: str = "all"  # all | a regex over parameter names
-
-    def validate(self) -> "StageConfig":
-        require(self.kind in ("flow_matching",), "stage.kind", f"must be flow_matching, got {self.kind!r}")
         return self
 
 
@@ -259,5 +246,11 @@ def _coerce(tp, v, key):
 
 
 def train_config_from_dict(d: dict) -> TrainConfig:
-    """The validated ``TrainConfig`` of a composed (resolved, plain-container) Hydra config."""
+    """The validated ``TrainConfig`` of a composed (resolved, plain-container) Hydra config. The ``stage``
+    section is validated by the config class its ``kind`` registers (``lcv_train.stages``)."""
+    d = dict(d)
+    stage = d.get("stage")
+    if isinstance(stage, dict):
+        kind = stage.get("kind", StageConfig.kind)
+        d["stage"] = build(stage_config_class(kind), stage, "stage")
     return build(TrainConfig, d, "").validate()

@@ -7,8 +7,9 @@ the step (``TrainingDiverged``, exit code 2). Under DeepSpeed ZeRO, which clips 
 non-finite step cannot be skipped, so the first one stops the run. Before every checkpoint the weights are
 checked: a non-finite model is never written, so ``keep_last`` never rotates good checkpoints out for bad.
 
-Cost: the loss is accumulated on the device and read once per step (no host sync per micro-batch); under
-torch.distributed one scalar all-reduce per step makes every rank take the same decision.
+Cost: the loss is accumulated on the device and read once per step (no host sync per micro-batch); the
+trainer's one all-reduce per step (the data-parallel mean of the loss, ``Trainer._optimizer_step``) makes
+every rank take the same decision: a non-finite loss on any rank makes the mean non-finite.
 """
 
 from __future__ import annotations
@@ -32,10 +33,6 @@ class NonFiniteGuard:
         self.can_skip = can_skip
         self.in_a_row = 0
         self.skipped = 0  # in this process's lifetime (a metric)
-
-    def loss_is_finite(self, loss: float) -> bool:
-        """Whether the step's loss is finite on every rank (one collective under torch.distributed)."""
-        return not any_rank(not math.isfinite(loss))
 
     def after_step(self, step: int, loss: float, grad_norm: float, loss_finite: bool) -> bool:
         """Record step ``step``; True when its update was skipped. Raises ``TrainingDiverged`` past the limit."""

@@ -1,7 +1,7 @@
 """The trainer: a short loop over small components.
 
-shards -> batches (data_loaders) -> encoders -> latents -> stage loss -> engine step -> EMA ->
-metrics / checkpoints. Every component with state (model + optimizer via the engine, lr schedule, EMA,
+shards -> batches (data_loaders) -> encoders -> latents -> the stage's step (``lcv_train.stages``: loss,
+backward, ``optimizer_step``: engine step, lr schedule, EMA) -> metrics / checkpoints. Every component with state (model + optimizer via the engine, lr schedule, EMA,
 data loader, RNGs, step) is saved by ``Checkpointer``; resume is one call.
 """
 
@@ -23,7 +23,7 @@ from lcv_train.config import TrainConfig
 from lcv_train.encoders import build_text_encoder, build_video_codec
 from lcv_train.errors import ConfigError
 from lcv_train.model import LongCatDiT
-from lcv_train.stages import StageBatch, build_stage
+from lcv_train.stages import StageBatch, StepContext, build_stage
 from lcv_train.training.checkpoint import Checkpointer, rng_state, set_rng_state
 from lcv_train.training.ema import EMA, build_ema
 from lcv_train.training.metrics import MetricsLogger, setup_logging
@@ -84,6 +84,20 @@ def _pick_device(choice: str, dims) -> torch.device:
     return dims.device if torch.cuda.is_available() else torch.device("cpu")
 
 
+def dp_mean_and_any(loss: torch.Tensor, flag: bool) -> tuple[float, bool]:
+    """``(mean of loss over ranks, flag on any rank)`` in one all-reduce and one host sync. Every rank of
+    a data-parallel replica holds the same loss (context- and tensor-parallel outputs are gathered), so the
+    mean over all ranks is the mean over replicas; a NaN on any rank makes the mean NaN everywhere."""
+    packed = torch.stack([loss.detach().float().reshape(()), torch.ones((), device=loss.device) * float(flag)])
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl" and packed.device.type != "cuda":
+            packed = packed.cuda()
+        dist.all_reduce(packed)  # SUM (AVG is NCCL-only)
+        packed[0] /= dist.get_world_size()
+    mean, anyflag = packed.tolist()
+    return mean, anyflag > 0
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, config_dict: dict | None = None):
         self.cfg = cfg
@@ -124,7 +138,7 @@ class Trainer:
                               f"model.in_channels={cfg.model.in_channels}")
         data_cfg = self._data_config()
 
-        self.stage = build_stage(cfg.stage, cfg.diffusion, cfg.model, cfg.lora)
+        self.stage = build_stage(cfg.stage, cfg)
         self.model = self._build_model()
         o = cfg.optim
         self.engine = build_engine(self.model, {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
@@ -191,10 +205,10 @@ class Trainer:
         if init_from:
             full = load_published_state_dict(source) if self.rank == 0 else None
             # (called on rank 0 only; added LoRA adapters are not in the published file: drawn like a seeded start)
-            value = lambda name, p: full[name] if name in full else initial_parameter(  # noqa: E731
+            value = lambda name, p: full[name] if name in full else self.stage.initial_parameter(  # noqa: E731
                 name, p.shape, seed, self.device, p.dtype)
         else:
-            value = lambda name, p: initial_parameter(name, p.shape, seed, self.device, p.dtype)  # noqa: E731
+            value = lambda name, p: self.stage.initial_parameter(name, p.shape, seed, self.device, p.dtype)  # noqa: E731
         if fsdp:
             fill_shards(model, value, from_rank0=bool(init_from))
         else:
@@ -249,7 +263,7 @@ class Trainer:
     def _state(self) -> dict:
         tp_group = self.dims.group("tp") if self.dims.tp > 1 else None
         return {"engine": self.engine, "lr_scheduler": self.lr_scheduler,
-                "ema": _EMAState(self.ema, self.model, tp_group), "progress": self.progress}
+                "ema": _EMAState(self.ema, self.model, tp_group), "progress": self.progress, "stage": self.stage}
 
     def _meta(self) -> dict:
         meta = {"model": self.cfg.model.to_json_dict(), "stage": self.cfg.stage.name}
@@ -301,32 +315,51 @@ class Trainer:
                 text, mask = batch["text"].to(self.device), batch["text_mask"].to(self.device)
             else:
                 text, mask = self.text_encoder.encode(list(batch["caption"]))
-        return StageBatch(latents.float(), text.float(), mask.to(torch.bool), int(batch["num_cond_latents"]))
+        return StageBatch(latents.float(), text.float(), mask.to(torch.bool), int(batch["num_cond_latents"]),
+                          pixels=batch.get("video"))
 
     def train_step(self, data_iter) -> dict:
-        cfg = self.cfg
+        """One step: the stage's ``step`` with a ``StepContext``; returns every metric it and the trainer made."""
         t0 = time.perf_counter()
-        wait = 0.0
-        loss_sum, tokens, grid = torch.zeros((), device=self.device), 0, (0, 0, 0)
-        self.model.train()
         step = self.progress.step + 1
-        for _ in range(cfg.trainer.grad_accum):
+        counters = {"wait": 0.0, "tokens": 0, "grid": (0, 0, 0), "stop": None}
+        self.model.train()
+
+        def next_batch() -> StageBatch:
             self.watchdog.enter("forward", step)
             tw = time.perf_counter()
             batch = next(data_iter)
-            wait += time.perf_counter() - tw
+            counters["wait"] += time.perf_counter() - tw
             sb = self.to_stage_batch(batch)
-            with self.engine.autocast():
-                loss, _ = self.stage.loss(self.model, sb, self.noise_gen)
-            self.watchdog.enter("backward", step)
-            self.engine.backward(loss / cfg.trainer.grad_accum)
-            loss_sum += loss.detach().float()  # on the device: no host sync per micro-batch
             B, _, T, H, W = sb.latents.shape
-            grid = self._core_model().token_grid((T, H, W))
-            tokens += B * math.prod(grid)
+            counters["grid"] = self._core_model().token_grid((T, H, W))
+            counters["tokens"] += B * math.prod(counters["grid"])
+            return sb
+
+        def optimizer_step(loss: torch.Tensor) -> dict:
+            return self._optimizer_step(step, loss, counters)
+
+        ctx = StepContext(step=step, model=self.model, core_model=self._core_model(), engine=self.engine,
+                          dims=self.dims, device=self.device, codec=self.codec, text_encoder=self.text_encoder,
+                          generator=self.noise_gen, grad_accum=self.cfg.trainer.grad_accum, next_batch=next_batch,
+                          optimizer_step=optimizer_step, phase=lambda name: self.watchdog.enter(name, step))
+        metrics = self.stage.step(ctx)
+        if self.progress.step != step:
+            raise RuntimeError(f"stage {self.stage.name}: its step must call ctx.optimizer_step exactly once "
+                               f"(step {step})")
+        self._stop_agreed = counters["stop"]
+        metrics.update({"perf/step_time_s": time.perf_counter() - t0, "perf/data_wait_s": counters["wait"],
+                        "perf/tokens": counters["tokens"], "perf/grid": counters["grid"]})
+        return metrics
+
+    def _optimizer_step(self, step: int, loss: torch.Tensor, counters: dict) -> dict:
+        """Engine step, lr schedule and EMA together. ``loss`` is this rank's mean loss of the step (on the
+        device); the logged loss is its mean over data-parallel ranks (``dp_mean_and_any``: one all-reduce
+        that also carries the stop request, so every rank agrees on a non-finite loss and on stopping)."""
         self.watchdog.enter("optimizer", step)
-        loss_value = float(loss_sum) / cfg.trainer.grad_accum
-        loss_finite = self.nonfinite.loss_is_finite(loss_value)
+        loss_value, stop = dp_mean_and_any(loss, self._stop_requested)
+        counters["stop"] = stop
+        loss_finite = math.isfinite(loss_value)  # the same on every rank: a NaN anywhere makes the sum NaN
         if loss_finite or not self.engine.can_skip_nonfinite:
             grad_norm = self.engine.step()  # skips the update itself when the norm is not finite
         else:
@@ -335,12 +368,10 @@ class Trainer:
         self.lr_scheduler.step()
         self.progress.step += 1
         skipped = self.nonfinite.after_step(self.progress.step, loss_value, grad_norm, loss_finite)
-        if self.ema is not None and self.progress.step % cfg.ema.every == 0 and not skipped:
+        if self.ema is not None and self.progress.step % self.cfg.ema.every == 0 and not skipped:
             self.ema.update()
-        dt = time.perf_counter() - t0
         return {"train/loss": loss_value, "train/grad_norm": grad_norm, "train/skipped_steps": self.nonfinite.skipped,
-                "train/lr": self.lr_scheduler.get_last_lr()[0], "perf/step_time_s": dt,
-                "perf/data_wait_s": wait, "perf/tokens": tokens, "perf/grid": grid}
+                "train/lr": self.lr_scheduler.get_last_lr()[0]}
 
     # -- the loop ------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -355,7 +386,9 @@ class Trainer:
                 pass
 
     def _should_stop(self) -> bool:
-        return any_rank(self._stop_requested)
+        """Whether any rank asked to stop: agreed in the step's own all-reduce when it ran one."""
+        agreed, self._stop_agreed = getattr(self, "_stop_agreed", None), None
+        return any_rank(self._stop_requested) if agreed is None else agreed
 
     def _core_model(self) -> LongCatDiT:
         m = self.model

@@ -165,12 +165,13 @@ def test_training_timesteps_use_the_shift_of_the_noisy_token_count():
     batch has 1 condition + 1 noisy frame of 4 x 4 patches = 16 noisy tokens, so s = 4 ** (1/3), and the
     median timestep is 1000 * s*m / (1 + (s-1)*m) with m = 0.5. Catches: counting condition frames as
     noisy (s = 4), the shift dropped (s = 1), timesteps not scaled by 1000."""
-    from lcv_train.config import StageConfig
+    from types import SimpleNamespace
+
     from lcv_train.model import preset
-    from lcv_train.stages import StageBatch, build_stage
+    from lcv_train.stages import StageBatch, StageConfig, build_stage
 
     dcfg = FlowMatchingConfig(shift_min=1.0, shift_max=4.0, shift_tokens_min=8, shift_tokens_max=32, text_dropout=0.0)
-    stage = build_stage(StageConfig(name="video_pretrain"), dcfg, preset("tiny"))
+    stage = build_stage(StageConfig(name="video_pretrain"), SimpleNamespace(diffusion=dcfg, model=preset("tiny")))
     seen = {}
 
     class Recorder(torch.nn.Module):
