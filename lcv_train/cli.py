@@ -30,8 +30,24 @@ def run(cfg: DictConfig) -> dict:
     from lcv_train.training.trainer import Trainer
 
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    if container.get("pipeline") is not None:  # pipeline=<name>: a chain of stage runs (lcv_train/pipeline.py)
+        return _run_pipeline(container)
     train_cfg = train_config_from_dict(container)
     return Trainer(train_cfg, container).fit()
+
+
+def _run_pipeline(container: dict) -> dict:
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from lcv_train.pipeline import run_pipeline
+
+    def compose_stage(overrides: list[str]) -> dict:
+        return OmegaConf.to_container(compose("train", overrides=overrides), resolve=True, throw_on_missing=True)
+
+    stages = GlobalHydra.instance().config_loader().get_group_options("stage")
+    return run_pipeline(container, list(HydraConfig.get().overrides.task), compose_stage, stages)
 
 
 def _fail(message: str) -> None:
@@ -95,6 +111,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+    for st in summary.get("stages", []):  # pipeline=: one line per stage
+        print(f"lcv-train: stage {st['stage']}: {st['status']} (step {st['step']} of {st['max_steps']}), "
+              f"{st['run_dir']}")
     hist = summary.get("history") or []
     if hist:
         k = min(10, len(hist))

@@ -235,7 +235,11 @@ class Trainer:
 
         data = dict(self.cfg.data)
         syn = self.cfg.synthetic
-        if syn.enabled and not data.get("shards"):  # given shards (e.g. from `lcv-data synth`) are what it trains on
+        subsets = data.get("subsets") or {}
+        # Given shards (e.g. from `lcv-data synth`) are what it trains on; the synthetic set fills data.shards,
+        # or, with named subsets (stage=sft: curated), every subset that names no shards.
+        unfilled = [name for name, s in subsets.items() if not s.get("shards")]
+        if syn.enabled and not data.get("shards") and (unfilled or not subsets):
             from data_loaders.synthetic import ensure_synthetic_shards
 
             root = Path(syn.dir).expanduser()
@@ -243,7 +247,10 @@ class Trainer:
             path = ensure_synthetic_shards(str(root / name), n=syn.n, frames=syn.frames, height=syn.height,
                                            width=syn.width, fps=syn.fps, seed=syn.seed, rank=self.rank,
                                            world_size=self.dims.world_size)
-            data["shards"] = [str(path)]
+            if subsets:
+                data["subsets"] = {n: {**s, "shards": [str(path)]} if n in unfilled else s for n, s in subsets.items()}
+            else:
+                data["shards"] = [str(path)]
         # Derived from the codec and the model, so they cannot disagree with them.
         data["temporal_stride"] = self.codec.temporal_stride
         data["spatial_multiple"] = self.codec.spatial_stride * self.cfg.model.patch_size[1]
