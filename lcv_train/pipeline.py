@@ -50,7 +50,7 @@ class PipelineConfig:
             if self.stages.index(name) != i:
                 raise ConfigError(f"pipeline.stages[{i}]: {name!r} is listed twice (each stage has one run directory)")
         for name, extra in self.overrides.items():
-            if name not in self.stages:
+            if extra and name not in self.stages:
                 raise ConfigError(f"pipeline.overrides.{name}: not a stage of pipeline.stages ({', '.join(self.stages)})")
             if not isinstance(extra, (list, tuple)) or not all(isinstance(o, str) for o in extra):
                 raise ConfigError(f"pipeline.overrides.{name}: expected a list of overrides (strings), got {extra!r}")
@@ -77,7 +77,7 @@ def _key(override: str) -> str:
 
 def stage_overrides(command_line: list[str], stage: str, run_root: Path, previous: Path | None,
                     extra: list[str]) -> list[str]:
-    """The overrides that compose ``stage``'s config: the command line (without ``pipeline=``), then the
+    """The overrides that compose ``stage``'s config: the command line (without ``pipeline...``), then the
     stage, its run directory, its starting weights and its own extras; a later override of a key replaces
     an earlier one."""
     mine = [f"stage={stage}", f"run.root={run_root}", f"run.name={stage}"]
@@ -86,7 +86,7 @@ def stage_overrides(command_line: list[str], stage: str, run_root: Path, previou
     merged: dict[str, str] = {}
     for o in [*command_line, *mine, *extra]:
         key = _key(o)
-        if key == "pipeline":
+        if key == "pipeline" or key.startswith("pipeline."):  # the chain's own settings
             continue
         merged.pop(key, None)  # the later one wins, in its own position
         merged[key] = o
