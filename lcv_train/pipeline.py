@@ -58,14 +58,9 @@ class PipelineConfig:
 
 
 def pipeline_config(d: dict) -> PipelineConfig:
-    if not isinstance(d, dict):
-        raise ConfigError(f"pipeline: expected a mapping, got {d!r}")
-    unknown = sorted(set(d) - {"stages", "overrides"})
-    if unknown:
-        raise ConfigError(f"pipeline.{unknown[0]}: unknown key (known: overrides, stages)")
-    return PipelineConfig(stages=list(d.get("stages") or []),
-                          overrides={k: list(v) if isinstance(v, (list, tuple)) else v
-                                     for k, v in (d.get("overrides") or {}).items()})
+    from lcv_train.config import build
+
+    return build(PipelineConfig, d, "pipeline")
 
 
 def _key(override: str) -> str:

@@ -108,10 +108,6 @@ class UlyssesAttentionOp(_ContextParallelOp):
 
     cp_mode = "ulysses"
 
-    def __init__(self, group, inner="dense", **kwargs):
-        super().__init__(group, inner, **kwargs)
-        self._inner = self.inner_op()
-
     def _to_full(self, x: torch.Tensor, grid: Grid, layout: ShardLayout) -> torch.Tensor:
         """``[B, T*th*tw, heads, D]`` local tile -> ``[B, T*H*W, heads/cp, D]`` in full-grid raster order."""
         B, _, heads, D = x.shape
@@ -141,7 +137,8 @@ class UlyssesAttentionOp(_ContextParallelOp):
         layout = self.layout(q_grid[1], q_grid[2])
         qf = self._to_full(q, q_grid, layout)
         kf, vf = self._to_full(k, kv_grid, layout), self._to_full(v, kv_grid, layout)
-        out = self._inner.self_attention(qf, kf, vf, q_grid, kv_grid, clip_frames)
+        # built at every call from this operator's settings, so a changed sparsity (sparse_ft's warm-up) applies
+        out = self.inner_op().self_attention(qf, kf, vf, q_grid, kv_grid, clip_frames)
         return self._to_local(out, q_grid, layout)
 
 

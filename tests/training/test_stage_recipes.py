@@ -115,6 +115,7 @@ class SelectionSpy:
     blocks there were and how many each query block kept."""
 
     def __init__(self, monkeypatch):
+        import kernels.bsa
         import kernels.bsa.api as api
 
         self.calls = []
@@ -125,7 +126,8 @@ class SelectionSpy:
             self.calls.append((sparsity, k_pooled.shape[2], kv_count.clone()))
             return kv_index, kv_count
 
-        monkeypatch.setattr(api, "select_blocks", spy)
+        monkeypatch.setattr(api, "select_blocks", spy)  # what BlockSparseAttentionOp calls
+        monkeypatch.setattr(kernels.bsa, "select_blocks", spy)  # what block-sparse ring attention imports
 
     def take(self):
         calls, self.calls = self.calls, []
@@ -156,6 +158,27 @@ def test_sparse_ft_warms_the_sparsity_up_through_the_operator(tmp_path, monkeypa
         kept.append(sorted({int(c.unique()) for _, nk, c in calls if nk == 12}))
     assert kept == [[9], [6], [3], [1], [1]]
     trainer.loader.close()
+
+
+def test_the_sparsity_set_on_any_block_sparse_operator_is_what_its_kernel_keeps(monkeypatch):
+    """sparse_ft sets ``attention_op.sparsity`` on whatever operator the model runs: the single-process one
+    or a context-parallel one (ring, Ulysses; here on one rank). Catches an operator that copied the
+    sparsity at construction (Ulysses did) and ignores a later change."""
+    from kernels.bsa import topk_count
+    from lcv_train.model.attention import BlockSparseAttentionOp
+    from parallel.context_parallel.ops import RingAttentionOp, UlyssesAttentionOp
+
+    grid = (8, 8, 8)  # 2x2x2 blocks of 4x4x4: 8 key blocks
+    q, k, v = (torch.randn(1, 512, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    spy = SelectionSpy(monkeypatch)
+    for op in (BlockSparseAttentionOp(backend="torch"), RingAttentionOp(None, "bsa", backend="torch"),
+               UlyssesAttentionOp(None, "bsa", backend="torch")):
+        for sparsity in (0.0, 0.5, 0.9375):
+            op.sparsity = sparsity
+            op.self_attention(q, k, v, grid, grid)
+            calls = spy.take()
+            assert calls and all(s == sparsity for s, _, _ in calls), (op, sparsity)
+            assert all(torch.all(c == topk_count(sparsity, nk)) for _, nk, c in calls), (op, sparsity)
 
 
 def test_sparse_ft_attention_is_sparse_dense_at_zero(tmp_path, monkeypatch):
