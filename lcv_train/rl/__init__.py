@@ -8,6 +8,7 @@ that trains with them uses these functions and keeps no copy of the formulas.
 
 from lcv_train.rl.advantages import group_advantages
 from lcv_train.rl.loss import GRPOLossOutput, grpo_loss, timestep_weight
+from lcv_train.rl.rollout import Rollout, rollout
 from lcv_train.rl.sde import sde_log_prob, sde_step
 
-__all__ = ["GRPOLossOutput", "group_advantages", "grpo_loss", "sde_log_prob", "sde_step", "timestep_weight"]
+__all__ = ["GRPOLossOutput", "Rollout", "rollout", "group_advantages", "grpo_loss", "sde_log_prob", "sde_step", "timestep_weight"]
