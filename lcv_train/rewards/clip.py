@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lcv_train.rewards._device import on_device
+from lcv_train.rewards._device import default_device, on_device
 from lcv_train.rewards._loading import embedding_of, read_json, require_files
 from lcv_train.rewards.base import VideoScorer, register_scorer
 
@@ -33,7 +33,7 @@ def even_frames(num_frames: int, count: int) -> torch.Tensor:
 class CLIPAlignment(VideoScorer):
     name = "clip"
 
-    def __init__(self, path: str | None = None, device: str = "cuda", max_frames: int = 8,
+    def __init__(self, path: str | None = None, device: str | None = None, max_frames: int = 8,
                  offload_when_idle: bool = True, batch_frames: int = 64):
         from transformers import AutoTokenizer, CLIPModel
 
@@ -45,7 +45,7 @@ class CLIPAlignment(VideoScorer):
         self.size = crop["height"] if isinstance(crop, dict) else int(crop)
         self.mean = torch.tensor(pre.get("image_mean", CLIP_MEAN)).view(1, 3, 1, 1)
         self.std = torch.tensor(pre.get("image_std", CLIP_STD)).view(1, 3, 1, 1)
-        self.device = torch.device(device)
+        self.device = default_device(device)
         self.max_frames, self.offload, self.batch_frames = max_frames, offload_when_idle, batch_frames
 
     def to(self, device):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lcv_train.errors import CheckpointError
-from lcv_train.rewards._device import on_device
+from lcv_train.rewards._device import default_device, on_device
 from lcv_train.rewards._loading import require_files
 from lcv_train.rewards.base import VideoScorer, register_scorer
 from lcv_train.rewards.clip import even_frames
@@ -57,7 +57,7 @@ def tie_lm_head(model, state: dict[str, torch.Tensor]) -> None:
 class HPSv3(VideoScorer):
     name = "hpsv3"
 
-    def __init__(self, path: str | None = None, base_path: str | None = None, device: str = "cuda",
+    def __init__(self, path: str | None = None, base_path: str | None = None, device: str | None = None,
                  max_frames: int = 4, dtype: str = "bfloat16", offload_when_idle: bool = True,
                  instruction: str = HPSV3_INSTRUCTION, batch_size: int = 8):
         from transformers import AutoConfig, AutoTokenizer
@@ -81,7 +81,7 @@ class HPSv3(VideoScorer):
         load_strict(model, state, ckpt)
         self.model = model.to(getattr(torch, dtype)).eval().requires_grad_(False)
         self.model.rm_head.float()
-        self.device = torch.device(device)
+        self.device = default_device(device)
         self.max_frames, self.offload, self.batch_size, self.instruction = max_frames, offload_when_idle, batch_size, instruction
 
     def to(self, device):

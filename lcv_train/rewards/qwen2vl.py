@@ -172,7 +172,15 @@ def merge_lora(state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], sc
 
 def reward_model_class():
     """``Qwen2VLForConditionalGeneration`` with ``rm_head`` and the reward read at special tokens."""
+    import inspect
+
+    import transformers
     from transformers import Qwen2VLForConditionalGeneration
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    if (major, minor) < (4, 52):
+        raise CheckpointError(f"the Qwen2-VL rewards need transformers >= 4.52 (model.language_model layout), "
+                              f"found {transformers.__version__}: pip install -U transformers")
 
     class Qwen2VLReward(Qwen2VLForConditionalGeneration):
         def __init__(self, config, head: nn.Module | None = None):
@@ -181,6 +189,8 @@ def reward_model_class():
 
         def reward(self, inputs: dict, token_ids: list[int]) -> torch.Tensor:
             """[B, len(token_ids), out]: rm_head (float32) at each sample's reward tokens, in order."""
+            if "mm_token_type_ids" not in inspect.signature(self.model.forward).parameters:
+                inputs = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}   # transformers < 5
             out = self.model(**inputs, use_cache=False)
             hidden = out.last_hidden_state
             ids = inputs["input_ids"]

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from lcv_train.errors import CheckpointError
-from lcv_train.rewards._device import on_device
+from lcv_train.errors import CheckpointError, ConfigError
+from lcv_train.rewards._device import default_device, on_device
 from lcv_train.rewards._loading import read_json, require_files
 from lcv_train.rewards.base import VideoScorer, register_scorer
 from lcv_train.rewards.hpsv3 import load_checkpoint_file, tie_lm_head
@@ -74,7 +74,7 @@ def find_checkpoint(folder: Path, step: int | None) -> Path:
 class VideoAlign(VideoScorer):
     name = "videoalign"
 
-    def __init__(self, path: str | None = None, base_path: str | None = None, device: str = "cuda",
+    def __init__(self, path: str | None = None, base_path: str | None = None, device: str | None = None,
                  dims: Sequence[str] = ("MQ", "TA"), normalize: bool = True, checkpoint_step: int | None = None,
                  dtype: str = "bfloat16", offload_when_idle: bool = True, template: str = VIDEOALIGN_TEMPLATE,
                  min_frame_pixels: int = MIN_FRAME_PIXELS):
@@ -82,7 +82,7 @@ class VideoAlign(VideoScorer):
 
         bad = [d for d in dims if d not in DIMS]
         if bad or not dims:
-            raise CheckpointError(f"videoalign.dims: {list(dims)} must be a non-empty subset of {list(DIMS)}")
+            raise ConfigError(f"videoalign.dims: {list(dims)} must be a non-empty subset of {list(DIMS)}")
         folder = require_files("videoalign", path, ["model_config.json"], "VideoReward (videoalign.path)")
         cfg = read_json("videoalign", folder / "model_config.json")
         self.data_cfg, self.infer_cfg = cfg.get("data_config", {}), cfg.get("inference_config") or {}
@@ -131,7 +131,7 @@ class VideoAlign(VideoScorer):
         load_strict(model, state, ckpt)
         self.model = model.to(getattr(torch, dtype)).eval().requires_grad_(False)
         self.model.rm_head.float()
-        self.device = torch.device(device)
+        self.device = default_device(device)
         self.dims, self.normalize, self.offload, self.template = tuple(dims), normalize, offload_when_idle, template
         self.fps = float(self.data_cfg.get("fps", 2.0))
         self.max_pixels = int(self.data_cfg.get("max_frame_pixels", 448 * 448))
