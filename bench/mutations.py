@@ -187,7 +187,8 @@ MUTATIONS: list[Mutation] = [
       "                             self.decay)", LAYOUTS, slow=True),
     # -- GRPO formulas, rollouts and rewards (issue 13) -------------------------------------------------
     M("sde_score_term_sign", "lcv_train/rl/sde.py", "(u + g**2 / (2 * s) *", "(u - g**2 / (2 * s) *", RL),
-    M("sde_diffusers_sign_v", "lcv_train/rl/sde.py", "x, u = x.to(dtype), -v.to(dtype)", "x, u = x.to(dtype), v.to(dtype)", RL),
+    M("sde_diffusers_sign_v", "lcv_train/rl/sde.py", "x, u = x.to(dtype), -v.to(dtype)",
+      "x, u = x.to(dtype), v.to(dtype)", RL),
     M("sde_std_not_truncated", "lcv_train/rl/sde.py", "std = std.clamp(max=std_max)", "std = std", RL),
     M("sde_log_prob_summed", "lcv_train/rl/sde.py", "return lp.flatten(1).mean(1)", "return lp.flatten(1).sum(1)", RL),
     M("sde_sample_not_detached", "lcv_train/rl/sde.py", "x_next = (mean + std * noise.to(dtype)).detach()",

@@ -23,8 +23,8 @@ from lcv_train.rewards._device import default_device, on_device
 from lcv_train.rewards._loading import require_files
 from lcv_train.rewards.base import VideoScorer, register_scorer
 from lcv_train.rewards.clip import even_frames
-from lcv_train.rewards.qwen2vl import (VisionSpec, build_inputs, build_model, current_layout, load_chat_template, load_strict,
-                                       reward_head, to_patches)
+from lcv_train.rewards.qwen2vl import (VisionSpec, build_inputs, build_model, current_layout,
+                                       load_chat_template, load_strict, reward_head, to_patches)
 from lcv_train.rewards.reward_prompts import HPSV3_INSTRUCTION, HPSV3_QUERY
 
 REWARD_TOKEN = "<|Reward|>"
@@ -66,7 +66,8 @@ class HPSv3(VideoScorer):
         if ckpt is not None and ckpt.is_dir():
             ckpt = ckpt / "HPSv3.safetensors"
         if ckpt is None or not ckpt.is_file():
-            raise CheckpointError(f"hpsv3: checkpoint {ckpt} not found (hpsv3.path: HPSv3.safetensors from MizzenAI/HPSv3)")
+            raise CheckpointError(f"hpsv3: checkpoint {ckpt} not found "
+                                  f"(hpsv3.path: HPSv3.safetensors from MizzenAI/HPSv3, or its folder)")
         base = require_files("hpsv3", base_path, ["config.json", "preprocessor_config.json"],
                              "Qwen2-VL-7B-Instruct base (hpsv3.base_path)")
         self.tokenizer = AutoTokenizer.from_pretrained(base, padding_side="right")
@@ -82,7 +83,8 @@ class HPSv3(VideoScorer):
         self.model = model.to(getattr(torch, dtype)).eval().requires_grad_(False)
         self.model.rm_head.float()
         self.device = default_device(device)
-        self.max_frames, self.offload, self.batch_size, self.instruction = max_frames, offload_when_idle, batch_size, instruction
+        self.max_frames, self.offload, self.batch_size = max_frames, offload_when_idle, batch_size
+        self.instruction = instruction
 
     def to(self, device):
         self.device = torch.device(device)

@@ -30,8 +30,8 @@ from lcv_train.rewards._device import default_device, on_device
 from lcv_train.rewards._loading import read_json, require_files
 from lcv_train.rewards.base import VideoScorer, register_scorer
 from lcv_train.rewards.hpsv3 import load_checkpoint_file, tie_lm_head
-from lcv_train.rewards.qwen2vl import (VisionSpec, build_inputs, build_model, current_layout, load_chat_template, load_strict,
-                                       merge_lora, to_patches)
+from lcv_train.rewards.qwen2vl import (VisionSpec, build_inputs, build_model, current_layout,
+                                       load_chat_template, load_strict, merge_lora, to_patches)
 from lcv_train.rewards.reward_prompts import VIDEOALIGN_TEMPLATE
 
 DIMS = ("VQ", "MQ", "TA")
@@ -39,7 +39,8 @@ SPECIAL_TOKENS = ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
 MIN_FRAME_PIXELS = 128 * 28 * 28   # Qwen2-VL's smallest video frame
 
 
-def sample_indices(num_frames: int, fps: float, target_fps: float, factor: int = 2, min_frames: int = 4) -> torch.Tensor:
+def sample_indices(num_frames: int, fps: float, target_fps: float, factor: int = 2,
+                   min_frames: int = 4) -> torch.Tensor:
     """Frame indices for ``target_fps``: a multiple of ``factor`` frames, at least ``min_frames`` when the clip
     has them, evenly spread from the first frame to the last."""
     n = round(num_frames / fps * target_fps / factor) * factor
@@ -62,7 +63,8 @@ def read_safetensors_folder(scorer: str, folder: Path) -> dict[str, torch.Tensor
 
 
 def find_checkpoint(folder: Path, step: int | None) -> Path:
-    steps = {int(m.group(1)): p for p in folder.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+    steps = {int(m.group(1)): p for p in folder.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
     if not steps:
         raise CheckpointError(f"videoalign: {folder} has no checkpoint-<step>/ folder")
     if step is not None and step not in steps:
@@ -101,7 +103,8 @@ class VideoAlign(VideoScorer):
         self.spec = VisionSpec.from_folder("videoalign", base)
         from transformers import AutoConfig
 
-        model = build_model(AutoConfig.from_pretrained(base), None, getattr(torch, dtype))  # rm_head: from the checkpoint
+        # rm_head is left uninitialised here: the checkpoint has it.
+        model = build_model(AutoConfig.from_pretrained(base), None, getattr(torch, dtype))
         if full.exists():
             model.resize_token_embeddings(len(self.tokenizer))
         else:

@@ -11,4 +11,5 @@ from lcv_train.rl.loss import GRPOLossOutput, grpo_loss, timestep_weight
 from lcv_train.rl.rollout import Rollout, rollout
 from lcv_train.rl.sde import sde_log_prob, sde_step
 
-__all__ = ["GRPOLossOutput", "Rollout", "rollout", "group_advantages", "grpo_loss", "sde_log_prob", "sde_step", "timestep_weight"]
+__all__ = ["GRPOLossOutput", "Rollout", "group_advantages", "grpo_loss", "rollout", "sde_log_prob", "sde_step",
+           "timestep_weight"]

@@ -66,8 +66,8 @@ def rollout(v_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, group_s
     P, G = noise.shape[0], group_size
     device = noise.device
     group = torch.arange(P, device=device).repeat_interleave(G)
-    crit_per_prompt = torch.randint(start, stop, (P,), generator=generator, device=generator.device if generator else None)
-    crit = crit_per_prompt.to(device).repeat_interleave(G)
+    gen_device = generator.device if generator is not None else None
+    crit = torch.randint(start, stop, (P,), generator=generator, device=gen_device).to(device).repeat_interleave(G)
     x = noise.float().repeat_interleave(G, dim=0)
     sig = sigmas.to(device=device, dtype=torch.float32)
     shape = (-1,) + (1,) * (x.dim() - 1)
@@ -78,7 +78,7 @@ def rollout(v_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, group_s
         x_ode = x - (s_next - s) * v
         here = crit == i
         if bool(here.any()):
-            n = torch.randn(x.shape, generator=generator, device=generator.device if generator else None).to(device)
+            n = torch.randn(x.shape, generator=generator, device=gen_device).to(device)
             x_sde, mean, std, lp = sde_step(x, v, s, s_next, eta, noise=n, std_max=std_max)
             saved[i] = (x.clone(), x_sde, mean, std, lp)
             x = torch.where(here.view(shape), x_sde, x_ode)

@@ -36,8 +36,8 @@ def _tiny_clip(folder):
     model = CLIPModel(cfg).eval()
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 32, "width": 32},
-                                                                 "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}))
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": {"height": 32, "width": 32}, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}))
     return model, tok
 
 

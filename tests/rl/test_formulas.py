@@ -73,7 +73,8 @@ def test_sde_log_prob_gradient_matches_closed_form():
     torch.manual_seed(3)
     x, noise = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
     v = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    sigma, sigma_next, eta = torch.tensor([0.8, 0.5], dtype=torch.float64), torch.tensor([0.7, 0.3], dtype=torch.float64), 0.8
+    sigma = torch.tensor([0.8, 0.5], dtype=torch.float64)
+    sigma_next, eta = torch.tensor([0.7, 0.3], dtype=torch.float64), 0.8
     x_next, mean, std, lp = sde_step(x, v, sigma, sigma_next, eta=eta, noise=noise)
     lp.sum().backward()
     s, dt = sigma.view(-1, 1, 1), (sigma_next - sigma).view(-1, 1, 1)
