@@ -189,3 +189,27 @@ def test_videoalign_merges_lora_and_reads_three_dims(tmp_path):
     torch.testing.assert_close(scorer(videos, prompts, 8.0), details["videoalign/MQ"] + details["videoalign/TA"])
     assert sample_indices(16, 8.0, 2.0).tolist() == [0, 5, 10, 15]
     assert len(sample_indices(49, 16.0, 2.0)) == 6 and len(sample_indices(3, 8.0, 2.0)) == 2
+
+
+def test_reward_models_visit_the_device_only_while_scoring():
+    """on_device moves the model to the scoring device and back to the CPU afterwards (also on errors)."""
+    from lcv_train.rewards._device import on_device
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moves = []
+
+        def to(self, device):
+            self.moves.append(str(device))
+            return self
+
+    rec = Recorder()
+    with on_device(rec, torch.device("cuda:1")):
+        assert rec.moves == ["cuda:1"]
+    with pytest.raises(RuntimeError), on_device(rec, torch.device("cuda:1")):
+        raise RuntimeError("scoring failed")
+    assert rec.moves == ["cuda:1", "cpu", "cuda:1", "cpu"]
+    with on_device(rec, torch.device("cuda:1"), offload=False):
+        pass
+    assert rec.moves[-1] == "cuda:1"
