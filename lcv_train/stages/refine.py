@@ -57,6 +57,10 @@ class RefineStageConfig(StageConfig):
         require(bool(train_cfg.lora.rank), "lora.rank",
                 f"stage.kind=refine ({self.name}) trains a LoRA on the base model: set lora.rank > 0 "
                 f"(stage=refine_lora sets 128, alpha 64)")
+        require(bool(train_cfg.trainer.init_from), "trainer.init_from",
+                f"stage.kind=refine ({self.name}) refines a trained base model: set trainer.init_from=<the published "
+                f"LongCat-Video folder or an lcv-export output> (a fresh DiT's AdaLN-Zero gates are zero: its "
+                f"adapters would get no gradient)")
         k = self.temporal_factor
         for i, b in enumerate(dict(train_cfg.data or {}).get("buckets") or []):
             require((int(b[0]) - 1) % k == 0, f"data.buckets[{i}]",
