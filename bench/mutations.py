@@ -53,6 +53,8 @@ E2E_RESUME = ("tests/training/test_train_e2e.py::test_train_resume_continues_exa
 DIST_FSDP = ("tests/training/test_distributed_train.py::test_fsdp_two_ranks_save_resume_on_two_and_one",)
 DIST_CP = ("tests/training/test_distributed_train.py::test_context_parallel_training_matches_single_process",)
 CP_OPS = ("tests/parallel/test_context_parallel.py",)
+RL = ("tests/rl/test_formulas.py", "tests/rl/test_rollout.py")
+REWARDS = ("tests/rewards/test_rewards.py",)
 
 M = Mutation
 MUTATIONS: list[Mutation] = [
@@ -183,6 +185,26 @@ MUTATIONS: list[Mutation] = [
       "\"gradient_clipping\": float(grad_clip or 0.0)", "\"gradient_clipping\": 0.0", LAYOUTS, slow=True),
     M("zero_ema_lerp_swapped", "parallel/zero.py", "                             1.0 - self.decay)",
       "                             self.decay)", LAYOUTS, slow=True),
+    # -- GRPO formulas, rollouts and rewards (issue 13) -------------------------------------------------
+    M("sde_score_term_sign", "lcv_train/rl/sde.py", "(u + g**2 / (2 * s) *", "(u - g**2 / (2 * s) *", RL),
+    M("sde_diffusers_sign_v", "lcv_train/rl/sde.py", "x, u = x.to(dtype), -v.to(dtype)",
+      "x, u = x.to(dtype), v.to(dtype)", RL),
+    M("sde_std_not_truncated", "lcv_train/rl/sde.py", "std = std.clamp(max=std_max)", "std = std", RL),
+    M("sde_log_prob_summed", "lcv_train/rl/sde.py", "return lp.flatten(1).mean(1)", "return lp.flatten(1).sum(1)", RL),
+    M("sde_sample_not_detached", "lcv_train/rl/sde.py", "x_next = (mean + std * noise.to(dtype)).detach()",
+      "x_next = mean + std * noise.to(dtype)", RL),
+    M("adv_sample_std", "lcv_train/rl/advantages.py", "r.std(dim=1, correction=0)", "r.std(dim=1)", RL),
+    M("adv_mean_of_group_stds", "lcv_train/rl/advantages.py", "group_std.amax(dim=0)", "group_std.mean(dim=0)", RL),
+    M("adv_own_group_std", "lcv_train/rl/advantages.py", "scale = group_std.amax(dim=0) + EPS",
+      "scale = group_std[:, None] + EPS", RL),
+    M("grpo_loss_kl_weight_w", "lcv_train/rl/loss.py", "kl_beta * w**2 * kl", "kl_beta * w * kl", RL),
+    M("grpo_loss_unclipped", "lcv_train/rl/loss.py", "torch.maximum(-adv * ratio, -adv * clipped)", "-adv * ratio", RL),
+    M("grpo_loss_min_not_max", "lcv_train/rl/loss.py", "torch.maximum(-adv * ratio", "torch.minimum(-adv * ratio", RL),
+    M("grpo_weight_inverted", "lcv_train/rl/loss.py", "torch.sqrt(s / (1 - s))", "torch.sqrt((1 - s) / s)", RL),
+    M("rollout_step_off_by_one", "lcv_train/rl/rollout.py", "here = crit == i\n", "here = crit == i + 1\n", RL),
+    M("videoalign_lora_scale_inverted", "lcv_train/rewards/videoalign.py", "else alpha / r", "else r / alpha", REWARDS),
+    M("qwen2vl_patch_time_channel_swapped", "lcv_train/rewards/qwen2vl.py", "x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)",
+      "x.permute(0, 3, 6, 4, 7, 1, 2, 5, 8)", REWARDS),
 ]
 
 

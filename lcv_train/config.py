@@ -183,6 +183,7 @@ class TrainConfig:
                     f"tp={self.parallel.tp}): ZeRO and tensor parallelism are not supported with LoRA")
             require(self.stage.trainable == "all", "stage.trainable",
                     f"must be all with lora.rank > 0 (LoRA trains only its adapters), got {self.stage.trainable!r}")
+        self.stage.check_train_config(self)
         return self
 
 

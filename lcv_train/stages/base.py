@@ -41,6 +41,10 @@ class StageConfig:
         require(self.kind in _REGISTRY, "stage.kind", f"must be one of {', '.join(sorted(_REGISTRY))}, got {self.kind!r}")
         return self
 
+    def check_train_config(self, train_cfg) -> None:
+        """Checks that need other sections of the config (a stage that needs ``lora.rank``); called by
+        ``TrainConfig.validate`` after every section validated itself. Raises ``ConfigError``."""
+
 
 @dataclass
 class StageBatch:

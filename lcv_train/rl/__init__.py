@@ -1,0 +1,15 @@
+"""GRPO for the flow-matching video model, LongCat's variant (SPEC section 6): the public formulas.
+
+``sde.py`` the critical SDE step and its log-probability, ``advantages.py`` the group-normalised
+multi-reward advantages, ``loss.py`` the PPO-clipped, reweighted GRPO loss with its KL to the reference,
+``rollout.py`` group rollouts (same initial noise, one SDE step per prompt, ODE elsewhere). The stage
+that trains with them uses these functions and keeps no copy of the formulas.
+"""
+
+from lcv_train.rl.advantages import group_advantages
+from lcv_train.rl.loss import GRPOLossOutput, grpo_loss, timestep_weight
+from lcv_train.rl.rollout import Rollout, rollout
+from lcv_train.rl.sde import sde_log_prob, sde_step
+
+__all__ = ["GRPOLossOutput", "Rollout", "group_advantages", "grpo_loss", "rollout", "sde_log_prob", "sde_step",
+           "timestep_weight"]
