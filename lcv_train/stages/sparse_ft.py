@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lcv_train.errors import ConfigError, require
+from lcv_train.errors import require
 from lcv_train.stages.base import StageConfig, StepContext, register_stage
 from lcv_train.stages.flow_matching import FlowMatchingStage
 
@@ -33,6 +33,15 @@ class SparseFineTuneConfig(StageConfig):
         require(self.warmup_steps >= 0, "stage.warmup_steps", f"must be >= 0 (0 = no warm-up), got {self.warmup_steps}")
         return self
 
+    def check_train_config(self, train_cfg) -> None:
+        model = train_cfg.model
+        require(model.attention == "bsa", "model.attention",
+                f"stage.kind=sparse_ft ({self.name}) fine-tunes block-sparse attention and needs model.attention=bsa "
+                f"(conf/stage/sparse_ft.yaml sets it), got {model.attention}")
+        require(not self.warmup_steps or model.bsa.sparsity is not None, "stage.warmup_steps",
+                "the warm-up ramps the top-k sparsity, but model.bsa.sparsity is null (CDF rule only); set "
+                "model.bsa.sparsity or stage.warmup_steps=0")
+
 
 def warmup_sparsity(step: int, target: float, warmup_steps: int) -> float:
     """The sparsity of step ``step`` (1-based): ``target * min(1, step / warmup_steps)``."""
@@ -45,14 +54,8 @@ def warmup_sparsity(step: int, target: float, warmup_steps: int) -> float:
 class SparseFineTuneStage(FlowMatchingStage):
     def __init__(self, cfg: SparseFineTuneConfig, train_cfg):
         super().__init__(cfg, train_cfg)
-        model = train_cfg.model
-        if model.attention != "bsa":
-            raise ConfigError(f"stage.kind: sparse_ft fine-tunes block-sparse attention and needs model.attention=bsa "
-                              f"(conf/stage/sparse_ft.yaml sets it), got model.attention={model.attention}")
-        self.target = model.bsa.sparsity  # None: the CDF rule alone, nothing to ramp
-        if cfg.warmup_steps and self.target is None:
-            raise ConfigError("stage.warmup_steps: the warm-up ramps the top-k sparsity, but model.bsa.sparsity is "
-                              "null (CDF rule only); set model.bsa.sparsity or stage.warmup_steps=0")
+        cfg.check_train_config(train_cfg)
+        self.target = train_cfg.model.bsa.sparsity  # None: the CDF rule alone, nothing to ramp
 
     def sparsity_at(self, step: int) -> float | None:
         return None if self.target is None else warmup_sparsity(step, self.target, self.cfg.warmup_steps)

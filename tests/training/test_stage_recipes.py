@@ -214,10 +214,11 @@ def test_sparse_ft_attention_is_sparse_dense_at_zero(tmp_path, monkeypatch):
 
 def test_sparse_ft_needs_block_sparse_attention(tmp_path):
     from lcv_train.config import train_config_from_dict
-    from lcv_train.stages import build_stage
 
-    cfg = train_config_from_dict(compose("stage=sparse_ft", "model.attention=dense"))
-    with pytest.raises(ConfigError, match=r"^stage\.kind: sparse_ft .* needs model\.attention=bsa"):
-        build_stage(cfg.stage, cfg)
+    with pytest.raises(ConfigError, match=r"^model\.attention: stage.kind=sparse_ft \(sparse_ft\) .* needs model\.attention=bsa"):
+        train_config_from_dict(compose("stage=sparse_ft", "model.attention=dense"))
+    with pytest.raises(ConfigError, match=r"^stage\.warmup_steps: the warm-up ramps the top-k sparsity"):
+        train_config_from_dict(compose("stage=sparse_ft", "stage.warmup_steps=3", "model.bsa.sparsity=null",
+                                       "model.bsa.cdf_threshold=0.9"))
     with pytest.raises(ConfigError, match=r"^stage\.warmup_steps: must be >= 0"):
         train_config_from_dict(compose("stage=sparse_ft", "stage.warmup_steps=-1"))
