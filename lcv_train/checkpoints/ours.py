@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from conf.parsing import from_mapping
 from lcv_train.errors import CheckpointError
 from lcv_train.model import DiTConfig, LongCatDiT
 
@@ -163,7 +164,7 @@ def _check_lora_run(model, ckpt: Path, meta: dict, stored: dict, weights: str) -
     init_source(model, base, meta.get("init_weights", "ema"))  # the base must fit as well
     with torch.device("meta"):
         adapted = LongCatDiT(DiTConfig.from_json_dict(meta["model"]))
-    add_lora(adapted, LoRAConfig(**meta["lora"]))
+    add_lora(adapted, from_mapping(LoRAConfig, meta["lora"], "lora"))
     prefix = EMA if weights == "ema" else MODEL
     absent = sorted(k for k in lora_state_dict(adapted) if prefix + k not in stored)
     if absent:
@@ -181,7 +182,7 @@ def load_lora_run(ckpt: Path, weights: str = "ema", base: str | Path | None = No
     from lcv_train.lora import LoRAConfig, add_lora, base_state_dict, lora_state_dict
 
     meta = read_meta(ckpt)
-    cfg, lora_cfg = DiTConfig.from_json_dict(meta["model"]), LoRAConfig(**meta["lora"])
+    cfg, lora_cfg = DiTConfig.from_json_dict(meta["model"]), from_mapping(LoRAConfig, meta["lora"], "lora")
     stored = _stored(ckpt)
     if any("@tp" in k for k in stored):
         raise CheckpointError(f"{ckpt}: a tensor-parallel LoRA checkpoint; LoRA runs use tp=1")
