@@ -165,11 +165,9 @@ def load_published_dit(model: torch.nn.Module, path: str | Path) -> None:
     """Copy published weights into ``model`` (a plain, unsharded ``LongCatDiT``), strictly (checked first by
     ``check_published_dit``). Sharded models are filled tensor by tensor instead: see
     ``lcv_train.model.build.build_dit``. LoRA adapters, if any, are left as they are."""
-    d = check_published_dit(model, path)
-    own = {k: v for k, v in model.state_dict().items() if not is_lora_name(k)}
-    sd = load_published_state_dict(d)
-    missing, unexpected = model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, strict=False)
-    assert not unexpected and all(is_lora_name(k) for k in missing), (missing, unexpected)
+    from lcv_train.checkpoints.source import WeightSource
+
+    WeightSource(check_published_dit(model, path), "published").load_into(model)
 
 
 def _normal_file_mode(path: Path) -> None:
