@@ -71,6 +71,7 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
+    from conf.parsing import from_mapping
     from lcv_train.model.config import preset
     from lcv_train.model.dit import LongCatDiT
     from parallel import ParallelConfig, build_engine, init_distributed, parallelize_model
@@ -84,7 +85,7 @@ def main() -> None:
             pdict[key] = value
     if args.compile:
         pdict["compile"] = True
-    pcfg = ParallelConfig(**pdict).validate()
+    pcfg = from_mapping(ParallelConfig, pdict, "parallel").validate()
     mcfg = preset(args.model)
     dims = init_distributed(pcfg, mcfg)
     device = dims.device

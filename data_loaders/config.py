@@ -10,10 +10,12 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
+from conf.parsing import ConfigError, from_mapping
+
 TASKS = ("t2v", "i2v", "vc")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConfigError):
     """A data configuration value is wrong; the message names the key and the constraint."""
 
 
@@ -121,36 +123,9 @@ def _err(key: str, msg: str) -> DataConfigError:
 
 
 def to_data_config(cfg: Any) -> DataConfig:
-    """Accept a DataConfig, an OmegaConf node or a plain dict; return a DataConfig."""
-    if isinstance(cfg, DataConfig):
-        return cfg
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if not isinstance(cfg, dict):
-        raise DataConfigError(f"data: expected a mapping, got {type(cfg).__name__}")
-    return _from_dict(DataConfig, cfg, "data")
-
-
-def _from_dict(cls, d: dict, key: str):
-    known = {f.name: f for f in fields(cls)}
-    kwargs = {}
-    for k, v in d.items():
-        if k not in known:
-            raise _err(f"{key}.{k}", f"unknown key (known: {', '.join(sorted(known))})")
-        if k == "filters" and isinstance(v, dict):
-            v = _from_dict(FilterConfig, v, f"{key}.{k}")
-        elif k == "subsets" and isinstance(v, dict):
-            v = {
-                name: (s if isinstance(s, SubsetConfig) else _from_dict(SubsetConfig, dict(s), f"{key}.subsets.{name}"))
-                for name, s in v.items()
-            }
-        kwargs[k] = v
-    return cls(**kwargs)
+    """Accept a DataConfig, an OmegaConf node or a plain dict; return a DataConfig (keys and value types
+    checked by the one config parser, ``conf.parsing``; ranges by :func:`validate`)."""
+    return from_mapping(DataConfig, cfg, "data", error=DataConfigError)
 
 
 def _num(key: str, v: Any, lo: float | None = None, integer: bool = False) -> None:

@@ -1,6 +1,11 @@
 """The training job's configuration: dataclasses for every section, built from the Hydra-composed tree
 and validated once at start-up. Every error names the key and the constraint (``optim.lr: must be > 0``).
 
+Defaults: ``conf/train.yaml`` spells out every key of the sections it owns (run, diffusion, optim,
+schedule, ema, trainer, synthetic, lora, sample) with exactly the defaults of the dataclasses below
+(``tests/training/test_config_defaults.py`` fails when one differs); the config groups (model, data, vae,
+text_encoder, parallel, stage, logger) are choices with their own files.
+
 Sections owned elsewhere are validated by their owners: ``data`` (``data_loaders.DataConfig``),
 ``vae`` / ``text_encoder`` (``lcv_train.encoders``), ``parallel`` (``parallel.ParallelConfig``),
 ``model`` (``lcv_train.model.DiTConfig``), ``diffusion`` (``FlowMatchingConfig``), ``stage`` (the config class of its kind, ``lcv_train.stages``).
@@ -8,15 +13,12 @@ Sections owned elsewhere are validated by their owners: ``data`` (``data_loaders
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any
 
+from conf.parsing import from_mapping
 from lcv_train.diffusion import FlowMatchingConfig
-from lcv_train.errors import ConfigError, require
+from lcv_train.errors import require
 from lcv_train.lora import LoRAConfig
 from lcv_train.model.config import DiTConfig
 from lcv_train.sampling import SamplerConfig
@@ -33,7 +35,7 @@ class RunConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     eps: float = 1e-8
@@ -55,7 +57,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     kind: str = "cosine"  # cosine | constant | linear
-    warmup_steps: int = 0
+    warmup_steps: int = 20
     min_lr_ratio: float = 0.1
 
     def validate(self) -> "ScheduleConfig":
@@ -68,7 +70,7 @@ class ScheduleConfig:
 
 @dataclass
 class EMAConfig:
-    decay: float = 0.999  # 0 disables EMA
+    decay: float = 0.99  # 0 disables EMA
     every: int = 1
 
     def validate(self) -> "EMAConfig":
@@ -88,7 +90,10 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     sample_at_end: bool = True
     sample_every: int = 0  # also write a sample every k steps (0: only at the end)
-    init_from: str | None = None  # a published LongCat-Video folder (or a dit/ folder) to start from
+    # Start from: a published LongCat-Video folder (or its dit/), one of our run directories (its latest
+    # checkpoint) or a step_N checkpoint; init_weights picks a checkpoint's ema or model weights.
+    init_from: str | None = None
+    init_weights: str = "ema"
     skip_nonfinite_steps: int = 3  # NaN/inf loss or grad norm: skip up to this many steps in a row, then stop
     # Several ranks: a step phase (forward, backward, optimizer, ...) that lasts longer than this ends the
     # attempt with a line naming the step and the phase; saves, samples and each attempt's first step get
@@ -105,6 +110,8 @@ class TrainerConfig:
         require(self.skip_nonfinite_steps >= 0, "trainer.skip_nonfinite_steps",
                 f"must be >= 0 (0 = stop at the first non-finite step), got {self.skip_nonfinite_steps}")
         require(self.sample_every >= 0, "trainer.sample_every", f"must be >= 0 (0 = off), got {self.sample_every}")
+        require(self.init_weights in ("ema", "model"), "trainer.init_weights",
+                f"must be ema|model, got {self.init_weights!r}")
         require(self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto|cpu|cuda, got {self.device!r}")
         require(self.collective_timeout_s > 0, "trainer.collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
         require(self.save_timeout_s >= self.collective_timeout_s, "trainer.save_timeout_s",
@@ -141,7 +148,13 @@ class SyntheticDataConfig:
 
 @dataclass
 class SampleConfig(SamplerConfig):
-    captions: list[str] = field(default_factory=lambda: ["a red circle moves to the right"])
+    """The samples written during training: the embedded default's few steps and weak guidance (the
+    sampler's own defaults are the published inference settings, SPEC section 9)."""
+
+    steps: int = 30
+    shift: float = 3.0
+    guidance: float = 3.0
+    captions: list[str] = field(default_factory=lambda: ["a red circle moves to the right", "a blue square moves up"])
     frames: int = 9
     height: int = 32
     width: int = 32
@@ -187,65 +200,6 @@ class TrainConfig:
         return self
 
 
-def build(cls, data: Any, prefix: str):
-    """Build dataclass ``cls`` from a mapping, checking unknown keys and value types; errors name the key."""
-    if dataclasses.is_dataclass(data):
-        return data
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    join = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{join(unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(hints[k], v, join(k)) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp, v, key):
-    origin = typing.get_origin(tp)
-    if tp is Any or tp is dict or origin is dict:
-        return v
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if v is None:
-            return None
-        return _coerce(args[0], v, key)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, v, key)
-    if origin in (tuple, list):
-        if not isinstance(v, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {v!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(v) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {list(v)}")
-            return tuple(_coerce(a, x, f"{key}[{i}]") for i, (a, x) in enumerate(zip(args, v)))
-        inner = args[0] if args else Any
-        out = [_coerce(inner, x, f"{key}[{i}]") for i, x in enumerate(v)]
-        return tuple(out) if origin is tuple else out
-    if tp is bool:
-        if not isinstance(v, bool):
-            raise ConfigError(f"{key}: expected true/false, got {v!r}")
-        return v
-    if tp is int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{key}: expected an integer, got {v!r}")
-        return v
-    if tp is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {v!r}")
-        return float(v)
-    if tp is str:
-        if not isinstance(v, str):
-            raise ConfigError(f"{key}: expected a string, got {v!r}")
-        return v
-    return v
-
-
 def train_config_from_dict(d: dict) -> TrainConfig:
     """The validated ``TrainConfig`` of a composed (resolved, plain-container) Hydra config. The ``stage``
     section is validated by the config class its ``kind`` registers (``lcv_train.stages``)."""
@@ -253,5 +207,5 @@ def train_config_from_dict(d: dict) -> TrainConfig:
     stage = d.get("stage")
     if isinstance(stage, dict):
         kind = stage.get("kind", StageConfig.kind)
-        d["stage"] = build(stage_config_class(kind), stage, "stage")
-    return build(TrainConfig, d, "").validate()
+        d["stage"] = from_mapping(stage_config_class(kind), stage, "stage")
+    return from_mapping(TrainConfig, d).validate()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lcv_train.errors import require
+from conf.parsing import require
 
 
 @dataclass

@@ -323,6 +323,7 @@ def plan_from_args(argv) -> dict:
     import yaml
     from omegaconf import OmegaConf
 
+    from conf.parsing import from_mapping
     from lcv_train.model.config import DiTConfig
     from parallel.config import ParallelConfig
 
@@ -330,7 +331,7 @@ def plan_from_args(argv) -> dict:
     c = compose(overrides)
     model_cfg = DiTConfig.from_json_dict(OmegaConf.to_container(c.model, resolve=True))
     pdict = OmegaConf.to_container(c.parallel, resolve=True)
-    pcfg = ParallelConfig(**pdict).validate()
+    pcfg = from_mapping(ParallelConfig, pdict, "parallel").validate()
     from parallel.dims import ParallelDims
 
     ParallelDims.from_config(pcfg, int(ours.get("world_size", 8))).check_model(model_cfg)  # layout errors first

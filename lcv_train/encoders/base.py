@@ -154,17 +154,6 @@ def to_plain_dict(cfg: Any, prefix: str) -> dict[str, Any]:
     return dict(cfg)
 
 
-def take_options(cfg: dict[str, Any], defaults: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Merge ``cfg`` (minus ``kind``) over ``defaults``; unknown keys are a ConfigError naming them."""
-    unknown = sorted(set(cfg) - set(defaults) - {"kind"})
-    if unknown:
-        raise ConfigError(f"{prefix}: unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)} for "
-                          f"{prefix}.kind={cfg.get('kind')!r}; known keys: {', '.join(sorted(defaults))}")
-    out = dict(defaults)
-    out.update({k: v for k, v in cfg.items() if k != "kind"})
-    return out
-
-
 def parse_dtype(value: Any, key: str) -> torch.dtype:
     if isinstance(value, torch.dtype) and value in _DTYPES.values():
         return value
@@ -183,12 +172,6 @@ def parse_device(value: Any, key: str) -> torch.device:
 def positive_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{key}={value!r}: must be a positive integer")
-    return value
-
-
-def need_bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r}: must be true or false")
     return value
 
 
