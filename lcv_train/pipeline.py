@@ -58,9 +58,9 @@ class PipelineConfig:
 
 
 def pipeline_config(d: dict) -> PipelineConfig:
-    from lcv_train.config import build
+    from conf.parsing import from_mapping
 
-    return build(PipelineConfig, d, "pipeline")
+    return from_mapping(PipelineConfig, d, "pipeline")
 
 
 def _key(override: str) -> str:
