@@ -55,6 +55,8 @@ DIST_CP = ("tests/training/test_distributed_train.py::test_context_parallel_trai
 CP_OPS = ("tests/parallel/test_context_parallel.py",)
 RL = ("tests/rl/test_formulas.py", "tests/rl/test_rollout.py")
 REWARDS = ("tests/rewards/test_rewards.py",)
+RECIPES = ("tests/training/test_stage_recipes.py",)
+PIPELINE = ("tests/training/test_pipeline.py",)
 
 M = Mutation
 MUTATIONS: list[Mutation] = [
@@ -205,6 +207,17 @@ MUTATIONS: list[Mutation] = [
     M("videoalign_lora_scale_inverted", "lcv_train/rewards/videoalign.py", "else alpha / r", "else r / alpha", REWARDS),
     M("qwen2vl_patch_time_channel_swapped", "lcv_train/rewards/qwen2vl.py", "x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)",
       "x.permute(0, 3, 6, 4, 7, 1, 2, 5, 8)", REWARDS),
+    # -- the sparse fine-tune and the stage chain (issue 11) ---------------------------------------------
+    M("sparse_ft_warmup_off_by_one", "lcv_train/stages/sparse_ft.py", "min(1.0, step / warmup_steps)",
+      "min(1.0, (step - 1) / warmup_steps)", RECIPES),
+    M("sparse_ft_sparsity_not_set", "lcv_train/stages/sparse_ft.py", "            op.sparsity = sparsity\n", "", RECIPES),
+    M("ulysses_inner_op_cached", "parallel/context_parallel/ops.py", "out = self.inner_op().self_attention(",
+      "out = self.__dict__.setdefault('_inner', self.inner_op()).self_attention(", RECIPES),
+    M("pipeline_stage_starts_fresh", "lcv_train/pipeline.py",
+      "        mine.append(f\"trainer.init_from={previous}\")\n", "", PIPELINE),
+    M("pipeline_reruns_finished_stages", "lcv_train/pipeline.py", "if done >= total:", "if done > total:", PIPELINE),
+    M("pipeline_hands_on_a_stopped_stage", "lcv_train/pipeline.py", "            break\n    return summary",
+      "            continue\n    return summary", PIPELINE),
 ]
 
 

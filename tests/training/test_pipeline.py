@@ -122,3 +122,23 @@ def test_pipeline_refuses_stage_and_unknown_stages(tmp_path):
         _pipeline(_overrides(tmp_path) + ["pipeline.stages=[sft,nope]"])
     with pytest.raises(ConfigError, match=r"^pipeline.overrides.multitask: not a stage of pipeline.stages"):
         _pipeline(_overrides(tmp_path) + ["pipeline.stages=[sft]"])
+
+
+def test_a_stage_stopped_by_a_signal_ends_the_chain_for_now(tmp_path, monkeypatch):
+    """SIGTERM/SIGUSR1 (here: the stop request they set, at video_pretrain's first step) checkpoint the stage
+    and end the command; the next stage does not start from a stage that has not finished."""
+    from lcv_train.training.trainer import Trainer
+
+    install = Trainer._install_signal_handlers
+
+    def stop_video_pretrain(self):
+        install(self)
+        self._stop_requested = self.cfg.stage.name == "video_pretrain"
+
+    monkeypatch.setattr(Trainer, "_install_signal_handlers", stop_video_pretrain)
+    o = [x for x in _overrides(tmp_path) if not x.startswith("pipeline.overrides")]
+    summary = _pipeline(o + ["pipeline.stages=[image_pretrain,video_pretrain,sft]"])
+    assert [(s["stage"], s["status"], s["step"]) for s in summary["stages"]] == [
+        ("image_pretrain", "ran", 2), ("video_pretrain", "stopped", 1)]
+    root = tmp_path / "runs" / "lc"
+    assert _latest_step(root / "video_pretrain") == 1 and not (root / "sft").exists()
