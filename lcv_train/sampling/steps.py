@@ -32,12 +32,14 @@ class SDEStep:
     records: list[tuple] = field(default_factory=list)
 
     def __call__(self, x, u, sigma, sigma_next, generator=None, index: int = 0):
-        if (self.only_at is not None and index not in self.only_at) or sigma_next <= 0.0 or sigma >= 1.0:
+        if (self.only_at is not None and index not in self.only_at) or sigma >= 1.0:
             return x + (sigma_next - sigma) * u  # the SDE's g = eta*sqrt(s/(1-s)) is undefined at s = 1
         from lcv_train.rl.sde import sde_step
 
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_next, mean, std, log_prob = sde_step(x, u, sigma, sigma_next, self.eta, noise=noise, std_max=self.std_max)
+        # sde_step takes the network's (published-sign) output v = x0 - eps = -u
+        x_next, mean, std, log_prob = sde_step(x, -u, sigma, sigma_next, self.eta, noise=noise,
+                                               std_max=self.std_max)
         self.records.append((index, x_next, mean, std, log_prob))
         return x_next
 

@@ -29,7 +29,7 @@ def random_tiny(seed: int = 0, **overrides) -> LongCatDiT:
 
 
 def tiny_sampling_model(seed: int = 0, **overrides) -> SamplingModel:
-    return SamplingModel(model=random_tiny(seed, **overrides), codec=PixelCodec(),
+    return SamplingModel(model=random_tiny(seed, **overrides).requires_grad_(False), codec=PixelCodec(),
                          text_encoder=TinyUMT5TextEncoder(dim=32, max_length=16), shift=3.0, source=Path("."),
                          null_negative=True, defaults=dict(SAMPLE))
 

@@ -141,3 +141,7 @@ def test_sde_step_rule_plugs_into_the_loop(sm):
     assert [r[0] for r in rule.records] == [1] and not torch.equal(a, b)
     index, x_next, mean, std, log_prob = rule.records[0]
     assert torch.isfinite(log_prob).all() and (std > 0).all()
+    # Vanishing noise gives the Euler step back: catches the velocity handed to sde_step with the wrong sign.
+    c = denoise(den, x0, sig, text, mask, step_rule=SDEStep(eta=1e-6, only_at={1}),
+                generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(c, b, rtol=0, atol=1e-3 * float(b.abs().max()))
