@@ -155,9 +155,8 @@ def bsa_differences(published: DiTConfig, model: DiTConfig) -> list[str]:
 
 def load_published_dit(model: torch.nn.Module, path: str | Path) -> None:
     """Copy published weights into ``model`` (a plain, unsharded ``LongCatDiT``), strictly (checked first by
-    ``check_published_dit``). Sharded models are filled tensor by tensor instead: see the trainer's
-    ``_build_model`` (``parallel.fsdp.fill_shards``, ``parallel.zero.fill_zero3``). LoRA adapters, if any,
-    are left as they are."""
+    ``check_published_dit``). Sharded models are filled tensor by tensor instead: see
+    ``lcv_train.model.build.build_dit``. LoRA adapters, if any, are left as they are."""
     d = check_published_dit(model, path)
     own = {k: v for k, v in model.state_dict().items() if not is_lora_name(k)}
     sd = load_published_state_dict(d)
