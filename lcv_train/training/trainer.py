@@ -155,7 +155,8 @@ class Trainer:
 
         cfg = self.cfg
         return build_dit(cfg.model, self.dims, cfg.parallel, self.device, seed=cfg.run.seed,
-                         init_from=cfg.trainer.init_from, prepare=self.stage.prepare)
+                         init_from=cfg.trainer.init_from, init_weights=cfg.trainer.init_weights,
+                         prepare=self.stage.prepare)
 
     def _remove_partial_save(self) -> None:
         """After a timeout: rank 0 removes a half-written checkpoint (``*.tmp``), as the next start would."""
@@ -208,9 +209,14 @@ class Trainer:
     def _meta(self) -> dict:
         meta = {"model": self.cfg.model.to_json_dict(), "stage": self.cfg.stage.name}
         if self.cfg.lora.rank:  # lcv-export reads these to rebuild, merge or write the LoRA
+            from lcv_train.checkpoints.ours import is_our_checkpoint, resolve_checkpoint
+
             init_from = self.cfg.trainer.init_from
+            if init_from and is_our_checkpoint(init_from):  # the step_N it started from, not the run's latest
+                init_from = resolve_checkpoint(init_from)
             meta.update(lora=dataclasses.asdict(self.cfg.lora),
-                        init_from=str(Path(init_from).expanduser().resolve()) if init_from else None)
+                        init_from=str(Path(init_from).expanduser().resolve()) if init_from else None,
+                        init_weights=self.cfg.trainer.init_weights)
         return meta
 
     def _resume(self) -> None:
