@@ -87,7 +87,10 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     sample_at_end: bool = True
     sample_every: int = 0  # also write a sample every k steps (0: only at the end)
-    init_from: str | None = None  # a published LongCat-Video folder (or a dit/ folder) to start from
+    # Start from: a published LongCat-Video folder (or its dit/), one of our run directories (its latest
+    # checkpoint) or a step_N checkpoint; init_weights picks a checkpoint's ema or model weights.
+    init_from: str | None = None
+    init_weights: str = "ema"
     skip_nonfinite_steps: int = 3  # NaN/inf loss or grad norm: skip up to this many steps in a row, then stop
     # Several ranks: a step phase (forward, backward, optimizer, ...) that lasts longer than this ends the
     # attempt with a line naming the step and the phase; saves, samples and each attempt's first step get
@@ -104,6 +107,8 @@ class TrainerConfig:
         require(self.skip_nonfinite_steps >= 0, "trainer.skip_nonfinite_steps",
                 f"must be >= 0 (0 = stop at the first non-finite step), got {self.skip_nonfinite_steps}")
         require(self.sample_every >= 0, "trainer.sample_every", f"must be >= 0 (0 = off), got {self.sample_every}")
+        require(self.init_weights in ("ema", "model"), "trainer.init_weights",
+                f"must be ema|model, got {self.init_weights!r}")
         require(self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto|cpu|cuda, got {self.device!r}")
         require(self.collective_timeout_s > 0, "trainer.collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
         require(self.save_timeout_s >= self.collective_timeout_s, "trainer.save_timeout_s",

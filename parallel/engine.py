@@ -42,6 +42,33 @@ def tp_sharded_params(model: torch.nn.Module) -> set[int]:
     return ids
 
 
+def decays_weight(module: torch.nn.Module, name: str) -> bool:
+    """Does AdamW's weight decay apply to ``module``'s own parameter ``name``? Not to biases, to the
+    parameters of normalisation layers (torch's norms, or any module class named ``*Norm``: the DiT's
+    RMSNorm) or to embedding tables (``nn.Embedding``): decay would pull gains towards 0 and shifts and
+    lookup rows towards 0, which regularises nothing. Every other weight (linear, conv, LoRA) decays."""
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, torch.nn.modules.batchnorm._NormBase)
+    if name == "bias":
+        return False
+    if isinstance(module, norms) or type(module).__name__.endswith("Norm"):
+        return False
+    return not isinstance(module, torch.nn.Embedding)
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters: ``weight_decay`` on those ``decays_weight``
+    picks, 0 on the rest (empty groups left out). Works on the plain, FSDP2-sharded or ZeRO-3-partitioned
+    model (the rule reads module types and parameter names, not shapes)."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                (decay if decays_weight(module, name) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def check_compatible(expected: dict, loaded: dict) -> None:
     """One ``CheckpointError`` line when a model state dict does not fit the model (other model config)."""
     from lcv_train.errors import CheckpointError
@@ -180,7 +207,8 @@ def build_engine(model: torch.nn.Module, optimizer_cfg, dims, cfg, grad_clip: fl
 
     ``model`` is what ``parallelize_model`` returned. ``optimizer_cfg`` is either a built
     ``torch.optim.Optimizer`` (torch engine only) or a mapping with AdamW settings
-    ``lr, betas, weight_decay, eps`` (both engines; DeepSpeed builds its own optimizer from it).
+    ``lr, betas, weight_decay, eps`` (both engines; DeepSpeed builds its own optimizer from it), applied
+    to the parameter groups of ``weight_decay_groups`` (no decay on biases, norms, embedding tables).
     ``grad_accum_steps``: how many ``backward`` calls precede each ``step`` (DeepSpeed must know; the
     caller divides the loss by it for every engine). ``save_frozen``: see ``TorchEngine`` (ZeRO never saves
     frozen parameters)."""
@@ -193,8 +221,7 @@ def build_engine(model: torch.nn.Module, optimizer_cfg, dims, cfg, grad_clip: fl
         optimizer = optimizer_cfg
     else:
         o = dict(optimizer_cfg)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.get("lr", 1e-4),
-                                      betas=tuple(o.get("betas", (0.9, 0.999))),
-                                      weight_decay=o.get("weight_decay", 0.0), eps=o.get("eps", 1e-8))
+        optimizer = torch.optim.AdamW(weight_decay_groups(model, o.get("weight_decay", 0.0)), lr=o.get("lr", 1e-4),
+                                      betas=tuple(o.get("betas", (0.9, 0.999))), eps=o.get("eps", 1e-8))
     return TorchEngine(model, optimizer, grad_clip=grad_clip, autocast_dtype=autocast, device=dims.device,
                        tp_group=dims.group("tp") if dims.tp > 1 else None, save_frozen=save_frozen)

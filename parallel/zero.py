@@ -85,9 +85,10 @@ class ZeroEngine:
         self.config = build_ds_config(cfg, optimizer_cfg, grad_clip=grad_clip, world_size=dims.world_size,
                                       device=dims.device, grad_accum_steps=grad_accum_steps)
         self.names = {id(p): n for n, p in model.named_parameters()}
-        self.ds, zero_optimizer, _, _ = ds.initialize(model=model, config=self.config,
-                                                      model_parameters=[p for p in model.parameters()
-                                                                        if p.requires_grad],
+        from parallel.engine import weight_decay_groups
+
+        groups = weight_decay_groups(model, float(optimizer_cfg.get("weight_decay", 0.0)))
+        self.ds, zero_optimizer, _, _ = ds.initialize(model=model, config=self.config, model_parameters=groups,
                                                       dist_init_required=False)
         # The plain torch AdamW inside ZeRO's wrapper: its param_groups are what ZeRO steps with, so lr
         # schedulers can drive it like any torch optimizer.

@@ -105,6 +105,20 @@ def _override(v) -> str:
     return "[" + ",".join(str(x) for x in v) + "]" if isinstance(v, (list, tuple)) else str(v)
 
 
+ARCHITECTURE = ("hidden_size", "depth", "num_heads", "in_channels", "out_channels", "caption_channels",
+                "adaln_tembed_dim", "patch_size")
+
+
+def check_architecture(have: DiTConfig, want: DiTConfig, where: Path) -> None:
+    """``CheckpointError`` naming the first size in which weights written for ``have`` (described by the file
+    ``where``) do not fit a model of ``want``, and the model settings that fit them."""
+    differ = [k for k in ARCHITECTURE if getattr(have, k) != getattr(want, k)]
+    if differ:
+        k = differ[0]
+        raise CheckpointError(f"{where}: {k}={getattr(have, k)} but model.{k}={getattr(want, k)}; "
+                              f"{_fitting_model(have, ARCHITECTURE, differ)}")
+
+
 def check_published_dit(model: torch.nn.Module, path: str | Path) -> Path:
     """Check, from ``config.json`` and the safetensors headers only, that the published DiT at ``path`` loads
     strictly into ``model``; raise ``CheckpointError`` naming the first key that does not. Cheap: every
@@ -112,13 +126,7 @@ def check_published_dit(model: torch.nn.Module, path: str | Path) -> Path:
     d = dit_dir(path)
     have = read_dit_config(d)
     want = model.config
-    keys = ("hidden_size", "depth", "num_heads", "in_channels", "out_channels", "caption_channels",
-            "adaln_tembed_dim", "patch_size")
-    differ = [k for k in keys if getattr(have, k) != getattr(want, k)]
-    if differ:
-        k = differ[0]
-        raise CheckpointError(f"{d / 'config.json'}: {k}={getattr(have, k)} but model.{k}={getattr(want, k)}; "
-                              f"{_fitting_model(have, keys, differ)}")
+    check_architecture(have, want, d / "config.json")
     shapes, own = _published_shapes(d), _model_shapes(model)
     lora = sorted(k for k in shapes if is_lora_name(k))
     if lora:
@@ -155,9 +163,8 @@ def bsa_differences(published: DiTConfig, model: DiTConfig) -> list[str]:
 
 def load_published_dit(model: torch.nn.Module, path: str | Path) -> None:
     """Copy published weights into ``model`` (a plain, unsharded ``LongCatDiT``), strictly (checked first by
-    ``check_published_dit``). Sharded models are filled tensor by tensor instead: see the trainer's
-    ``_build_model`` (``parallel.fsdp.fill_shards``, ``parallel.zero.fill_zero3``). LoRA adapters, if any,
-    are left as they are."""
+    ``check_published_dit``). Sharded models are filled tensor by tensor instead: see
+    ``lcv_train.model.build.build_dit``. LoRA adapters, if any, are left as they are."""
     d = check_published_dit(model, path)
     own = {k: v for k, v in model.state_dict().items() if not is_lora_name(k)}
     sd = load_published_state_dict(d)

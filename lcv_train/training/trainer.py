@@ -31,7 +31,7 @@ from lcv_train.training.nonfinite import NonFiniteGuard
 from lcv_train.training.schedule import build_lr_scheduler
 from lcv_train.training.fingerprint import check_same_config
 from lcv_train.training.watchdog import PhaseWatchdog
-from parallel import build_engine, init_distributed, parallelize_model
+from parallel import build_engine, init_distributed
 from parallel.dims import any_rank, start_process_group
 
 log = logging.getLogger("lcv_train")
@@ -150,58 +150,13 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
-        """The DiT, parallelized, with its starting weights.
+        """The DiT, parallelized, with its starting weights (``lcv_train.model.build.build_dit``)."""
+        from lcv_train.model.build import build_dit
 
-        Under FSDP2 (engine fsdp, tp 1) or ZeRO-3 with several ranks, the DiT is built already sharded (on the
-        meta device, then sharded and materialised empty; or partitioned by ``deepspeed.zero.Init``) and
-        filled one whole tensor at a time: drawn from ``initial_parameter`` (a function of the seed and the
-        name only, so the weights equal a single process's), or read by rank 0 alone from
-        ``trainer.init_from`` and handed out. No GPU ever holds the whole model, and only rank 0's host the
-        published weights. Otherwise (one process, ZeRO-2, tensor parallel) it is built whole on the device,
-        loaded, then sharded.
-        """
-        from lcv_train.checkpoints import check_published_dit, load_published_dit, load_published_state_dict
-        from lcv_train.model.dit import initial_parameter
-
-        cfg, pcfg = self.cfg, self.cfg.parallel
-        init_from = cfg.trainer.init_from
-        torch.manual_seed(cfg.run.seed)  # the model's init_seed is drawn from it: the same on every rank
-        fsdp = pcfg.engine == "fsdp" and self.dims.tp == 1 and self.dims.uses_fsdp
-        zero3 = pcfg.engine == "zero3" and self.dims.world_size > 1
-        if not (fsdp or zero3):
-            with torch.device(self.device):
-                model = LongCatDiT(cfg.model)
-            if init_from:
-                load_published_dit(model, init_from)
-            self.stage.prepare(model)
-            return parallelize_model(model, self.dims, pcfg)
-
-        from parallel.fsdp import fill_shards
-        from parallel.zero import fill_zero3, zero3_init
-
-        with torch.device("meta") if fsdp else zero3_init(pcfg, self.dims):
-            model = LongCatDiT(cfg.model)
-        if init_from:
-            source = check_published_dit(model, init_from)  # every rank, headers only: a bad folder stops all alike
-        self.stage.prepare(model)
-        seed = model.init_seed
-        model = parallelize_model(model, self.dims, pcfg)
-        if fsdp:
-            model.to_empty(device="cpu" if pcfg.cpu_offload else self.device)
-        if init_from:
-            full = load_published_state_dict(source) if self.rank == 0 else None
-            # (called on rank 0 only; added LoRA adapters are not in the published file: drawn like a seeded start)
-            value = lambda name, p: full[name] if name in full else initial_parameter(  # noqa: E731
-                name, p.shape, seed, self.device, p.dtype)
-        else:
-            value = lambda name, p: initial_parameter(name, p.shape, seed, self.device, p.dtype)  # noqa: E731
-        if fsdp:
-            fill_shards(model, value, from_rank0=bool(init_from))
-        else:
-            fill_zero3(model, value)  # rank 0 computes or reads, DeepSpeed partitions
-        if init_from:
-            log.info("loaded %s: rank 0 read it, every rank received its part", init_from)
-        return model
+        cfg = self.cfg
+        return build_dit(cfg.model, self.dims, cfg.parallel, self.device, seed=cfg.run.seed,
+                         init_from=cfg.trainer.init_from, init_weights=cfg.trainer.init_weights,
+                         prepare=self.stage.prepare)
 
     def _remove_partial_save(self) -> None:
         """After a timeout: rank 0 removes a half-written checkpoint (``*.tmp``), as the next start would."""
@@ -254,9 +209,14 @@ class Trainer:
     def _meta(self) -> dict:
         meta = {"model": self.cfg.model.to_json_dict(), "stage": self.cfg.stage.name}
         if self.cfg.lora.rank:  # lcv-export reads these to rebuild, merge or write the LoRA
+            from lcv_train.checkpoints.ours import is_our_checkpoint, resolve_checkpoint
+
             init_from = self.cfg.trainer.init_from
+            if init_from and is_our_checkpoint(init_from):  # the step_N it started from, not the run's latest
+                init_from = resolve_checkpoint(init_from)
             meta.update(lora=dataclasses.asdict(self.cfg.lora),
-                        init_from=str(Path(init_from).expanduser().resolve()) if init_from else None)
+                        init_from=str(Path(init_from).expanduser().resolve()) if init_from else None,
+                        init_weights=self.cfg.trainer.init_weights)
         return meta
 
     def _resume(self) -> None:

@@ -48,7 +48,9 @@ def loss_fn(model, batch, num_cond: int = 1):
 
 
 def make_optimizer(model):
-    return torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    from parallel.engine import weight_decay_groups  # the groups every engine builds
+
+    return torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=1e-8)
 
 
 def train(engine, batches, lo: int = 0, hi: int | None = None, accum: int = 1, ema=None):

@@ -51,10 +51,10 @@ def test_fsdp_two_ranks_save_resume_on_two_and_one(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "written by 2 ranks, resuming on 1" in (root / "one" / "logs" / "rank0.log").read_text()
     assert sorted(losses(root / "one")) == [5]
-    from lcv_train.export import load_training_weights
+    from lcv_train.checkpoints.ours import read_our_weights
 
-    _, before = load_training_weights(step2, "model")
-    _, after = load_training_weights(root / "one" / "checkpoints" / "step_0000005", "model")
+    _, before = read_our_weights(step2, "model")
+    _, after = read_our_weights(root / "one" / "checkpoints" / "step_0000005", "model")
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=1e-6, atol=1e-6, msg=k)
 
@@ -220,10 +220,10 @@ def test_tensor_parallel_training_resumes_exactly_with_ema(tmp_path):
     p = subprocess.run([sys.executable, "-m", "lcv_train", *single], cwd=tmp_path, env=env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    from lcv_train.export import load_training_weights
+    from lcv_train.checkpoints.ours import read_our_weights
 
-    cfg, tp_weights = load_training_weights(root / "full" / "checkpoints" / "step_0000003", "model")
-    _, ref = load_training_weights(root / "single" / "checkpoints" / "step_0000003", "model")
+    cfg, tp_weights = read_our_weights(root / "full" / "checkpoints" / "step_0000003", "model")
+    _, ref = read_our_weights(root / "single" / "checkpoints" / "step_0000003", "model")
     assert tp_weights.keys() == ref.keys()
     from lcv_train.model import LongCatDiT
 

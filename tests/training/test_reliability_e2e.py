@@ -79,7 +79,7 @@ def test_sigterm_to_the_process_group_under_torchrun(runs):
 def test_diverging_lr_stops_with_one_line_and_publishes_only_finite_weights(runs):
     """Bug caught: optim.lr=1e4 gave NaN from step 2-4, training went on, wrote NaN checkpoints (keep_last
     rotated the good ones out), rendered the sample from NaN, and exited 0."""
-    from lcv_train.export import load_training_weights
+    from lcv_train.checkpoints.ours import read_our_weights
 
     root, data = runs
     o = tiny_overrides(root, data) + ["run.name=diverge", "trainer.max_steps=12", "trainer.checkpoint_every=1",
@@ -94,7 +94,7 @@ def test_diverging_lr_stops_with_one_line_and_publishes_only_finite_weights(runs
     assert published and all(int(c.name.split("_")[1]) < bad_step for c in published)
     for ckpt in published:
         for which in ("model", "ema"):
-            _, weights = load_training_weights(ckpt, which)
+            _, weights = read_our_weights(ckpt, which)
             assert all(torch.isfinite(w).all() for w in weights.values()), (ckpt, which)
 
     p = lcv_train(o[:-1] + ["run.name=lr-inf", "optim.lr=inf"], cwd=root, check=False)
