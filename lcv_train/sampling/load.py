@@ -57,38 +57,17 @@ def _read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def _training_model(ckpt: Path, weights: str):
-    """The DiT (fp32, CPU) of one of our checkpoints, any layout."""
-    from lcv_train.export import load_lora_run, load_training_weights
-    from lcv_train.model import LongCatDiT
-
-    if weights not in ("ema", "model"):
-        raise ConfigError(f"weights={weights!r}: choose ema or model")
-    meta = json.loads((ckpt / "meta.json").read_text())
-    if "lora" in meta:  # merged into plain weights, so LoRA files loaded for sampling never replace it
-        from lcv_train.lora import base_state_dict, merge_lora
-
-        run_model = load_lora_run(ckpt, weights)
-        merge_lora(run_model)
-        cfg, sd = run_model.config, base_state_dict(run_model)
-    else:
-        cfg, sd = load_training_weights(ckpt, weights)
-    with torch.device("cpu"):
-        model = LongCatDiT(cfg, seed=0)
-    model.load_state_dict(sd)
-    return model
-
-
-def _published_model(folder: Path, dtype: torch.dtype):
-    """Built on the meta device and given the file's tensors (cast to ``dtype``): no random initialisation
-    and one copy of the weights in host memory, which matters at 13.6B parameters."""
-    from lcv_train.checkpoints import check_published_dit, load_published_state_dict, read_dit_config
+def _dit(source: Path, cfg, weights: str, dtype: torch.dtype):
+    """The DiT of ``cfg`` with the weights of ``source`` (``lcv_train.checkpoints.init_source``: a published
+    folder or one of our checkpoints, any layout; a LoRA run comes with its adapters merged), cast to
+    ``dtype``. Built on the meta device and given the tensors: no random initialisation and one copy of the
+    weights in host memory, which matters at 13.6B parameters."""
+    from lcv_train.checkpoints import init_source
     from lcv_train.model import LongCatDiT
 
     with torch.device("meta"):
-        model = LongCatDiT(read_dit_config(folder), seed=0)
-    d = check_published_dit(model, folder)
-    sd = load_published_state_dict(d)
+        model = LongCatDiT(cfg, seed=0)
+    sd = init_source(model, source, weights).read()
     model.load_state_dict({k: sd[k].to(dtype) for k in model.state_dict()}, strict=True, assign=True)
     return model
 
@@ -106,8 +85,12 @@ def load_sampling_model(source: str | Path, weights: str = "ema", device: str | 
     """The DiT (eval mode, ``dtype`` on ``device``), its VAE and text encoder, and the sampling defaults of
     ``source`` (see the module docstring). Raises FileNotFoundError / CheckpointError / ConfigError with
     one line naming the file or key."""
-    from lcv_train.export import resolve_checkpoint
+    from lcv_train.checkpoints import read_dit_config
+    from lcv_train.checkpoints.ours import read_meta, resolve_checkpoint
+    from lcv_train.model import DiTConfig
 
+    if weights not in ("ema", "model"):
+        raise ConfigError(f"weights={weights!r}: choose ema or model")
     src = Path(source).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"ckpt={source}: no such file or folder")
@@ -115,7 +98,7 @@ def load_sampling_model(source: str | Path, weights: str = "ema", device: str | 
         (src / "config.json").is_file() and not (src / "meta.json").is_file())
     if published:
         root = src if (src / "dit").is_dir() else src.parent
-        model = _published_model(src, dtype)
+        model = _dit(src, read_dit_config(src), weights, dtype)
         vae = vae or {"kind": "wan2.1", "path": str(root), "dtype": "fp32" if dtype == torch.float32 else "bf16"}
         text_encoder = text_encoder or {"kind": "umt5_xxl", "path": str(root),
                                         "dtype": "fp32" if dtype == torch.float32 else "bf16"}
@@ -128,7 +111,7 @@ def load_sampling_model(source: str | Path, weights: str = "ema", device: str | 
         if (vae is None or text_encoder is None) and not conf:
             raise CheckpointError(f"{ckpt}: no config.yaml in its run folder to say which VAE and text encoder "
                                   f"it was trained with; pass vae=... and text_encoder=...")
-        model = _training_model(ckpt, weights)
+        model = _dit(ckpt, DiTConfig.from_json_dict(read_meta(ckpt)["model"]), weights, dtype)
         vae, text_encoder = vae or conf["vae"], text_encoder or conf["text_encoder"]
         s = conf.get("sample", {})
         sm_kw = dict(shift=float(s.get("shift", PUBLISHED_SHIFT)), source=ckpt, run_dir=run_dir, null_negative=True,
