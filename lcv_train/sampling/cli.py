@@ -56,6 +56,8 @@ class SampleRequest:
     device: str | None = None          # default: cuda:<local rank> when available, else cpu
     dtype: str | None = None           # fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)
     cache: bool = True                 # condition K/V cache (false: recompute the condition every call)
+    cp: int = 1                        # context parallel: ranks per video (torchrun's world = cp x prompt groups)
+    cp_mode: str = "ring"              # ring | ulysses
     long: bool = False
     segments: int = 1
     refine: bool = False
@@ -90,6 +92,8 @@ class SampleRequest:
             v = getattr(self, key)
             require(v is None or v >= 1, key, f"must be >= 1, got {v}")
         require(self.refine_steps >= 1, "refine_steps", f"must be >= 1, got {self.refine_steps}")
+        require(self.cp >= 1, "cp", f"must be >= 1, got {self.cp}")
+        require(self.cp_mode in ("ring", "ulysses"), "cp_mode", f"must be ring or ulysses, got {self.cp_mode!r}")
         return self
 
 
@@ -172,20 +176,40 @@ def _read_video_tail(path: str, count: int, height: int, width: int) -> torch.Te
     return frames.permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
 
 
-def _setup_ranks(req: SampleRequest) -> tuple[int, int, torch.device]:
-    """Data parallel over prompts under torchrun: (rank, world, device)."""
+@dataclass
+class Ranks:
+    """Under torchrun: ``world = cp x groups``; consecutive ranks form a context-parallel group that makes one
+    video at a time; the groups share out the prompts (data parallel)."""
+
+    group: int = 0       # which prompt group this rank is in
+    groups: int = 1
+    cp_rank: int = 0
+    cp_group: Any = None  # the ProcessGroup of this rank's cp group (None: cp = 1)
+    device: torch.device = torch.device("cpu")
+
+
+def _setup_ranks(req: SampleRequest) -> Ranks:
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    require(world % req.cp == 0, "cp", f"{req.cp} does not divide the {world} ranks")
     if req.device:
         device = torch.device(req.device)
     else:
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    r = Ranks(group=rank // req.cp, groups=world // req.cp, cp_rank=rank % req.cp, device=device)
+    if req.cp > 1:
+        for g in range(world // req.cp):  # every rank creates every group, in the same order
+            pg = dist.new_group(list(range(g * req.cp, (g + 1) * req.cp)))
+            if g == r.group:
+                r.cp_group = pg
+    return r
 
 
 def run(req: SampleRequest) -> list[Path]:
@@ -195,13 +219,18 @@ def run(req: SampleRequest) -> list[Path]:
     from lcv_train.sampling.output import slug, write_video
     from lcv_train.sampling.pipeline import GenerationConfig, encode_prompts, generate, long_video, refine
 
-    rank, world, device = _setup_ranks(req)
+    ranks = _setup_ranks(req)
+    device = ranks.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[req.dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     prompts = read_prompts(req)
     sm = load_sampling_model(req.ckpt, req.weights, device, dtype,
                              vae=_encoder_override(req.vae, "pixel", "wan2.1"),
                              text_encoder=_encoder_override(req.text_encoder, "tiny_umt5", "umt5_xxl"))
+    if ranks.cp_group is not None:
+        from parallel.context_parallel import apply_context_parallel
+
+        apply_context_parallel(sm.model, ranks.cp_group, req.cp_mode)
     d = sm.defaults
     frames, height, width = req.frames or d.get("frames", 93), req.height or d.get("height", 480), \
         req.width or d.get("width", 832)
@@ -222,7 +251,7 @@ def run(req: SampleRequest) -> list[Path]:
     first = continuation if req.task == "vc" else cfg
     out_dir = Path(req.out).expanduser() if req.out else (sm.run_dir / "samples" if sm.run_dir else Path("samples"))
     written = []
-    for i in range(rank, len(prompts), world):
+    for i in range(ranks.group, len(prompts), ranks.groups):
         t0 = time.perf_counter()
         base_pass_lora()
         gen = torch.Generator(device).manual_seed(req.seed + i)
@@ -239,7 +268,8 @@ def run(req: SampleRequest) -> list[Path]:
         name = f"{i:04d}-{slug(prompts[i])}"
         out_fps = fps
         if req.refine:
-            write_video(video[0], out_dir, name + "-coarse", fps, prompts[i])
+            if ranks.cp_rank == 0:
+                write_video(video[0], out_dir, name + "-coarse", fps, prompts[i])
             if req.refine_lora is not None:
                 use_lora(sm.model, req.refine_lora)
             elif req.lora is not None:
@@ -251,6 +281,8 @@ def run(req: SampleRequest) -> list[Path]:
             video = refine(sm, encode_prompts(sm, [prompts[i]], 1.0), video, rh, rw, steps=req.refine_steps,
                            cond_video=cond_hr, generator=gen)
             out_fps = fps * 2
+        if ranks.cp_rank != 0:
+            continue  # the cp group's ranks hold the same video; its first rank writes it
         path = write_video(video[0], out_dir, name, out_fps, prompts[i])
         written.append(path)
         print(f"lcv-sample: {path} ({video.shape[2]} frames {video.shape[3]}x{video.shape[4]}, "

@@ -135,12 +135,19 @@ def attention_op(model, op):
 
 
 def bsa_op(model):
-    """The block-sparse operator the model's config describes (``model.bsa``), whatever it runs now."""
+    """The block-sparse operator the model's config describes (``model.bsa``); context-parallel over the same
+    group and mode when the model runs context parallel now."""
     from lcv_train.model.attention import BlockSparseAttentionOp
 
     b = model.config.bsa
-    return BlockSparseAttentionOp(b.sparsity, tuple(b.chunk_3d_shape_q), b.cdf_threshold, b.backend,
-                                  kv_block_shape=tuple(b.chunk_3d_shape_k), fp32_scores=b.fp32_scores)
+    op = BlockSparseAttentionOp(b.sparsity, tuple(b.chunk_3d_shape_q), b.cdf_threshold, b.backend,
+                                kv_block_shape=tuple(b.chunk_3d_shape_k), fp32_scores=b.fp32_scores)
+    current = model.attention_op
+    if getattr(current, "group", None) is not None and hasattr(current, "cp"):
+        from parallel.context_parallel.ops import RingAttentionOp, make_context_parallel_op
+
+        op = make_context_parallel_op(op, current.group, "ring" if isinstance(current, RingAttentionOp) else "ulysses")
+    return op
 
 
 def upsample_video(video: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -76,26 +76,40 @@ def test_published_folder_with_wan_vae_and_umt5(tmp_path):
     assert _frames(tmp_path / "o" / "0000-a-cat-runs-on-the-beach.mp4") == 5
 
 
+LONG = ["prompt=a long one", "long=true", "segments=2", "cond_frames=2", "steps=2"]
+
+
 def _rank_run(rank, world, ckpt, prompts, out):
-    return [p.name for p in run(parse_args([f"ckpt={ckpt}", f"prompts={prompts}", "steps=2", f"out={out}"]))]
+    dp = [p.name for p in run(parse_args([f"ckpt={ckpt}", f"prompts={prompts}", "steps=2", f"out={out}/dp"]))]
+    cp = [p.name for p in run(parse_args([f"ckpt={ckpt}", *LONG, "cp=2", f"out={out}/cp"]))]
+    return dp, cp
 
 
-def test_data_parallel_over_prompts_matches_one_process(run_dir, tmp_path):
-    """2 gloo ranks split 3 prompts (rank 0: 0 and 2, rank 1: 1) and write the frames one process writes (to
-    one level of 255 on under 1% of the pixels: the ranks run one thread each, so sums round differently)."""
+def _same_frames(a_png, b_png):
+    """Equal to one level of 255 on under 1% of the pixels: the ranks run one thread each (and context
+    parallel merges attention in pieces), so sums round differently."""
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(p)).astype(int) for p in (a_png, b_png))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+
+
+def test_two_gloo_ranks_data_parallel_over_prompts_and_context_parallel(run_dir, tmp_path):
+    """2 gloo ranks: as 2 prompt groups they split 3 prompts (rank 0: 0 and 2, rank 1: 1); with cp=2 both make
+    one long video together (ring attention over H x W tiles, the condition cache sharded too) and rank 0
+    writes it. Both give the frames one process gives."""
     from tests.parallel._spawn import run_ranks
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moves to the right\n\na blue square moves up\na green triangle moves left\n")
-    names = run_ranks(_rank_run, 2, str(run_dir), str(prompts), str(tmp_path / "dp"))
-    assert [len(n) for n in names] == [2, 1] and names[1][0].startswith("0001-")
+    (dp0, cp0), (dp1, cp1) = run_ranks(_rank_run, 2, str(run_dir), str(prompts), str(tmp_path / "two"))
+    assert [len(dp0), len(dp1)] == [2, 1] and dp1[0].startswith("0001-") and len(cp0) == 1 and cp1 == []
     run(parse_args([f"ckpt={run_dir}", f"prompts={prompts}", "steps=2", f"out={tmp_path / 'one'}"]))
-    from PIL import Image
-
-    for name in names[0] + names[1]:
-        png = name.replace(".mp4", ".png")
-        a, b = (np.asarray(Image.open(tmp_path / d / png)).astype(int) for d in ("dp", "one"))
-        assert a.shape == b.shape and np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+    run(parse_args([f"ckpt={run_dir}", *LONG, f"out={tmp_path / 'one'}"]))
+    for name in dp0 + dp1:
+        _same_frames(tmp_path / "two" / "dp" / name.replace(".mp4", ".png"), tmp_path / "one" / name.replace(".mp4", ".png"))
+    assert _frames(tmp_path / "two" / "cp" / cp0[0]) == 8
+    _same_frames(tmp_path / "two" / "cp" / cp0[0].replace(".mp4", ".png"), tmp_path / "one" / cp0[0].replace(".mp4", ".png"))
 
 
 @pytest.mark.parametrize("args,message", [
