@@ -7,6 +7,7 @@
     lcv-sample ckpt=... prompt="..." distill=true lora=/ckpt/LongCat-Video/lora/cfg_step_lora.safetensors
     lcv-sample ckpt=... prompt="..." refine=true refine_lora=/ckpt/LongCat-Video/lora/refinement_lora.safetensors
     torchrun --nproc-per-node 8 -m lcv_train.sampling.cli ckpt=... prompts=prompts.txt   # prompts over ranks
+    torchrun --nproc-per-node 8 -m lcv_train.sampling.cli ckpt=... cp=4 long=true ...   # 2 groups of 4 (context parallel)
 
 Every key is listed in ``SampleRequest``. Each prompt ``i`` (its line in ``prompts=``) uses seed ``seed + i``,
 so a prompt gives the same video whichever rank draws it. Files: ``<out>/<i>-<prompt>.mp4`` with a frame
