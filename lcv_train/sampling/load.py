@@ -118,8 +118,12 @@ def load_sampling_model(source: str | Path, weights: str = "ema", device: str | 
                      defaults={k: s[k] for k in ("frames", "height", "width", "fps", "steps", "guidance") if k in s})
     vae = {**vae, "device": str(device)}
     text_encoder = {**text_encoder, "device": str(device)}
-    codec = build_video_codec(vae)
-    text = build_text_encoder(text_encoder)
+    try:
+        codec = build_video_codec(vae)
+        text = build_text_encoder(text_encoder)
+    except FileNotFoundError as e:  # e.g. an lcv-export folder holds dit/ only
+        raise FileNotFoundError(f"{e} (lcv-sample: vae=<LongCat-Video folder> text_encoder=<LongCat-Video folder>, "
+                                f"or vae=pixel text_encoder=tiny_umt5 for a model trained with the stand-ins)") from None
     cfg = model.config
     if text.dim != cfg.caption_channels:
         raise ConfigError(f"text_encoder: produces {text.dim}-dim embeddings but the DiT's caption_channels="

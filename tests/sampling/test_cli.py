@@ -125,3 +125,17 @@ def test_user_errors_are_one_line_and_exit_2(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lcv-sample: error: ") and message in err and "\n" not in err
+
+
+def test_an_exported_folder_without_encoders_names_the_fix(tmp_path, capsys):
+    """An ``lcv-export`` output (dit/ only): the missing VAE is one line that says how to pick the encoders;
+    with the stand-ins named, it samples."""
+    from lcv_train.checkpoints import export_published_dit
+
+    m = random_tiny(0)
+    export_published_dit(m.state_dict(), m.config, tmp_path / "exp", dtype=torch.float32)
+    assert main([f"ckpt={tmp_path / 'exp'}", "prompt=x", f"out={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "vae" in err and "vae=pixel text_encoder=tiny_umt5" in err and err.count("\n") == 1
+    assert main([f"ckpt={tmp_path / 'exp'}", "prompt=x", "vae=pixel", "text_encoder=tiny_umt5", "frames=3",
+                 "height=8", "width=8", "steps=2", f"out={tmp_path / 'o'}"]) == 0
