@@ -151,11 +151,11 @@ def bsa_op(model):
 
 
 def upsample_video(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``[B, 3, F, H, W]`` -> ``[B, 3, 2F - 1, height, width]``: per-frame bilinear resize, then linear in time
-    (trilinear interpolation over an unchanged frame size), ends kept."""
+    """``[B, 3, F, H, W]`` -> ``[B, 3, 2F - 1, height, width]``: per-frame bilinear resize (``align_corners=True``,
+    as LongCat's ``generate_refine``), then linear in time (trilinear over an unchanged frame size), ends kept."""
     B, C, Fr, H, W = video.shape
     frames = video.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W).float()
-    frames = F.interpolate(frames, size=(height, width), mode="bilinear", align_corners=False)
+    frames = F.interpolate(frames, size=(height, width), mode="bilinear", align_corners=True)
     video = frames.reshape(B, Fr, C, height, width).permute(0, 2, 1, 3, 4)
     if Fr == 1:
         return video

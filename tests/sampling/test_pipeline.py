@@ -82,7 +82,7 @@ def test_upsample_and_padding():
     up = upsample_video(v, 8, 12)
     assert up.shape == (1, 3, 9, 8, 12)
     # the even frames are the resized originals, the odd ones the mean of their neighbours
-    resized = torch.nn.functional.interpolate(v[0].permute(1, 0, 2, 3), size=(8, 12), mode="bilinear")
+    resized = torch.nn.functional.interpolate(v[0].permute(1, 0, 2, 3), size=(8, 12), mode="bilinear", align_corners=True)
     torch.testing.assert_close(up[0, :, ::2], resized.permute(1, 0, 2, 3), rtol=0, atol=1e-6)
     torch.testing.assert_close(up[0, :, 1::2], (up[0, :, 0:-1:2] + up[0, :, 2::2]) / 2, rtol=0, atol=1e-6)
     z, pad = pad_frames(torch.arange(5.0).view(1, 1, 5, 1, 1), 4)
