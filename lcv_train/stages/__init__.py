@@ -3,6 +3,7 @@
 from lcv_train.stages.base import (Stage, StageBatch, StageConfig, StepContext, build_stage, register_stage,
                                    stage_config_class, stage_kinds)
 from lcv_train.stages.flow_matching import FlowMatchingStage
+from lcv_train.stages.grpo import GRPOConfig, GRPOStage
 
-__all__ = ["FlowMatchingStage", "Stage", "StageBatch", "StageConfig", "StepContext", "build_stage",
+__all__ = ["FlowMatchingStage", "GRPOConfig", "GRPOStage", "Stage", "StageBatch", "StageConfig", "StepContext", "build_stage",
            "register_stage", "stage_config_class", "stage_kinds"]
