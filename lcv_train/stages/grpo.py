@@ -212,11 +212,14 @@ class GRPOStage(Stage):
             finally:
                 scorer.to("cpu")
         rewards = torch.stack(scores, dim=-1).view(P, G, len(self.scorers))  # [P, G, R]
-        all_rewards = self._gather_dp(rewards, ctx)  # [dp * P, G, R], rank-major
+        # The critical step rides along as one more column, so the histogram is the job's too.
+        crit = ro.step.view(P, G, 1).cpu().float()
+        gathered = self._gather_dp(torch.cat([rewards, crit], dim=-1), ctx)  # [dp * P, G, R + 1], rank-major
+        all_rewards, all_crit = gathered[..., :-1], gathered[:, 0, -1].long()
         adv_all = group_advantages(all_rewards, c.reward_weights)
         rank = ctx.dims.dp_rank if all_rewards.shape[0] > P else 0
         adv = adv_all[rank * P:(rank + 1) * P].reshape(P * G)
-        metrics = self._reward_metrics(all_rewards, adv_all, ro, ctx)
+        metrics = self._reward_metrics(all_rewards, adv_all, all_crit)
         return {"rollout": ro, "advantages": adv.to(ctx.device), "text": text_g, "mask": mask_g, "updates": 0,
                 "metrics": metrics}
 
@@ -231,7 +234,8 @@ class GRPOStage(Stage):
         dist.all_gather(out, local, group=group)
         return torch.cat(out).float().cpu()
 
-    def _reward_metrics(self, rewards: torch.Tensor, adv: torch.Tensor, ro: Rollout, ctx: StepContext) -> dict:
+    def _reward_metrics(self, rewards: torch.Tensor, adv: torch.Tensor, crit: torch.Tensor) -> dict:
+        """The job's reward figures: ``rewards`` [P_all, G, R], ``adv`` [P_all, G], ``crit`` [P_all]."""
         m: dict = {}
         flat = rewards.reshape(-1, rewards.shape[-1]).double()  # [N, R], the whole job's videos
         for r, name in enumerate(self.cfg.rewards):
@@ -249,10 +253,11 @@ class GRPOStage(Stage):
             self.running[r] = torch.tensor([n, mean, m2], dtype=torch.float64)
             m[f"grpo/reward_running/{name}_mean"] = mean
             m[f"grpo/reward_running/{name}_std"] = (m2 / n) ** 0.5
+        m["grpo/videos_scored"] = int(self.running[0, 0])  # the whole job's, since the start
         w = torch.as_tensor(self.cfg.reward_weights, dtype=torch.float64)
         m["grpo/reward/weighted_mean"] = float((flat * w).sum(1).mean())
         m["grpo/rollout_advantage_abs_max"] = float(adv.abs().max())
-        counts = torch.bincount(ro.step[:: self.cfg.group_size].cpu(), minlength=self.cfg.steps)
+        counts = torch.bincount(crit, minlength=self.cfg.steps)
         for i in range(*self.cfg.sde_window):
             m[f"grpo/critical_step/{i}"] = int(counts[i])
         return m

@@ -128,3 +128,44 @@ def test_grpo_config_errors_name_the_key(tmp_path):
         _config(tmp_path, "stage.rewards=[motion,brightness_test]")
     with pytest.raises(ConfigError, match=r"^stage\.prompts: no such file"):
         _config(tmp_path, f"stage.prompts={tmp_path / 'missing.txt'}")
+
+
+def _cli_overrides(tmp_path) -> list[str]:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves right\na blue square moves up\na green ball falls\n")
+    write_published_tiny(tmp_path / "pub", seed=3)
+    return [f"run.root={tmp_path / 'runs'}", "logger=none", f"synthetic.dir={tmp_path / 'data'}", "synthetic.n=4",
+            "synthetic.frames=5", "synthetic.height=16", "synthetic.width=16", "data.buckets=[[5,16,16]]",
+            "data.batch_size=2", "data.num_workers=0", "trainer.sample_at_end=false", "trainer.device=cpu",
+            "stage=grpo", f"stage.prompts={prompts}", "stage.frames=2", "stage.height=16", "stage.width=16",
+            "stage.steps=3", "stage.sde_window=[1,3]", "stage.group_size=4", "stage.prompts_per_step=2",
+            "stage.guidance=2.0", "lora.rank=4", "lora.alpha=4.0", f"trainer.init_from={tmp_path / 'pub'}",
+            "stage.kl_beta=0.1", "stage.clip_range=0.2", "optim.lr=1e-2", "stage.updates_per_rollout=2",
+            "trainer.max_steps=3", "parallel.mixed_precision=fp32"]
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_with_cp2_match_one_process_and_dp2_gathers_the_groups(tmp_path):
+    """FSDP2 over 2 gloo ranks with cp=2 (one replica: the same rollouts) takes the same updates as one process
+    (rewards, KL, ratios and loss per step); with dp=2 each rank rolls out its own prompts and the rewards and
+    critical steps of both are gathered (16 videos and 4 critical steps per rollout, 2 ranks x 2 prompts x G=4).
+    Catches: a cp rank drawing its own noise or prompts, groups split across ranks, advantages normalised
+    per rank while the figures claim the job's."""
+    from tests.training._runs import lcv_train
+    from tests.training.test_distributed_train import torchrun
+
+    o = _cli_overrides(tmp_path)
+    lcv_train(o + ["run.name=one"], cwd=tmp_path)
+    torchrun(o + ["run.name=cp", "parallel=fsdp", "parallel.cp=2", "parallel.backend=gloo"], cwd=tmp_path)
+    torchrun(o + ["run.name=dp", "parallel=fsdp", "parallel.backend=gloo"], cwd=tmp_path)
+    one, cp, dp = _rows(tmp_path, "one"), _rows(tmp_path, "cp"), _rows(tmp_path, "dp")
+    assert len(one) == len(cp) == 3
+    for a, b in zip(one, cp):
+        for k in ("grpo/kl", "grpo/ratio_min", "grpo/ratio_max", "grpo/reward/motion_mean", "grpo/reward/motion_std"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), (a["step"], k)
+        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-5)
+    assert one[1]["grpo/kl"] > 0 and one[1]["grpo/ratio_max"] != 1.0  # the update did something
+    assert [r.get("grpo/videos_scored") for r in dp] == [16, None, 32]
+    assert [sum(r[f"grpo/critical_step/{i}"] for i in (1, 2)) for r in (dp[0], dp[2])] == [4, 4]
+    assert dp[0]["grpo/ratio_min"] == pytest.approx(1.0, abs=1e-5)
