@@ -273,14 +273,14 @@ class GRPOStage(Stage):
         ro: Rollout = cur["rollout"]
         ctx.phase("forward")
         v_fn = self.velocity_fn(ctx, cur["text"], cur["mask"])
-        v = v_fn(ro.x, ro.sigma)
-        log_prob, mean, std = ro.log_prob_under(v, c.eta, c.std_max)
         mean_ref = None
-        if c.kl_beta > 0:
+        if c.kl_beta > 0:  # before the policy's forward: a full fine-tune swaps weights in place
             with torch.no_grad(), self.reference_policy(ctx):
                 v_ref = v_fn(ro.x, ro.sigma)
                 _, mean_ref, _, _ = sde_step(ro.x, v_ref, ro.sigma, ro.sigma_next, c.eta,
                                              noise=torch.zeros_like(ro.x_next), std_max=c.std_max)
+        v = v_fn(ro.x, ro.sigma)
+        log_prob, mean, std = ro.log_prob_under(v, c.eta, c.std_max)
         out = grpo_loss(log_prob, ro.log_prob, cur["advantages"], ro.sigma, ro.sigma_next, clip_range=c.clip_range,
                         kl_beta=c.kl_beta, mean=mean, mean_ref=mean_ref, std=std)
         ctx.phase("backward")

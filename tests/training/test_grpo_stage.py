@@ -83,6 +83,24 @@ def test_first_update_is_on_policy_only_lora_changes_and_kl_starts_at_zero(tmp_p
     assert sum(first[f"grpo/critical_step/{i}"] for i in (1, 2)) == 2  # one critical step per prompt
 
 
+def test_full_fine_tune_keeps_the_initial_weights_as_reference(tmp_path):
+    """``lora.rank=0``: every parameter may train, and the KL is to the weights of the first step. Catches a
+    reference that follows the policy (KL stays 0) or a policy left holding the reference's weights after the
+    KL pass (the second update's ratio back at 1)."""
+    from lcv_train.training.trainer import Trainer
+
+    cfg = _config(tmp_path, "trainer.max_steps=2", "stage.updates_per_rollout=2", "stage.kl_beta=0.1",
+                  "stage.clip_range=0.5", "optim.lr=1e-3", "ema.decay=0", "lora.rank=0")
+    trainer = Trainer(cfg)
+    trainer.fit()
+    first, second = _rows(tmp_path)
+    assert first["grpo/kl"] == pytest.approx(0.0, abs=1e-12) and second["grpo/kl"] > 0
+    assert abs(second["grpo/ratio_max"] - 1) > 1e-4 or abs(second["grpo/ratio_min"] - 1) > 1e-4
+    ref = trainer.stage.reference
+    now = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert len(ref) == len(now) and any(not torch.equal(a, b.detach()) for a, b in zip(ref, now))
+
+
 def test_grpo_raises_a_closed_form_reward_with_bounded_kl(tmp_path):
     """GRPO with a reward whose optimum is known (brightness) moves it up within a few dozen updates while the
     KL to the base stays small. Catches a sign error anywhere between advantages and the optimizer step."""
