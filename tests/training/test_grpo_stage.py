@@ -26,6 +26,18 @@ class Brightness(VideoScorer):
         return videos.float().flatten(1).mean(1).cpu()
 
 
+@register_scorer("prompt_recorder_test")
+class PromptRecorder(VideoScorer):
+    """Scores 0 and remembers the prompts it was given."""
+
+    name = "prompt_recorder_test"
+    seen: list[list[str]] = []
+
+    def __call__(self, videos: torch.Tensor, prompts: Sequence[str], fps: float) -> torch.Tensor:
+        PromptRecorder.seen.append(list(prompts))
+        return torch.zeros(videos.shape[0])
+
+
 def _config(tmp_path, *extra):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -137,6 +149,22 @@ def test_resume_continues_exactly(tmp_path):
         for k in keys:
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (a["step"], k)
+
+
+def test_prompts_from_the_data_shards_reach_the_rewards_group_by_group(tmp_path):
+    """``stage.prompts=null``: the captions of the next data batch are the prompts, each repeated G times in
+    the rows the scorer sees (prompt-major). A reward that is the same for the whole group gives zero advantages."""
+    from lcv_train.training.trainer import Trainer
+
+    PromptRecorder.seen.clear()
+    cfg = _config(tmp_path, "trainer.max_steps=1", "stage.prompts=null", "stage.rewards=[prompt_recorder_test]",
+                  "stage.group_size=3")
+    Trainer(cfg).fit()
+    (seen,) = PromptRecorder.seen
+    assert len(seen) == 6 and all(p for p in seen)
+    assert seen[0] == seen[1] == seen[2] and seen[3] == seen[4] == seen[5]
+    (row,) = _rows(tmp_path)
+    assert row["grpo/advantage_abs_max"] == 0.0
 
 
 def test_grpo_config_errors_name_the_key(tmp_path):
