@@ -291,4 +291,7 @@ class GRPOStage(Stage):
         metrics["grpo/update_in_rollout"] = cur["updates"]
         if cur["updates"] == 1:
             metrics.update(cur["metrics"])  # the rollout's figures, logged once
+            # On-policy, the recomputed log-prob equals the rollout's up to numerics (batch composition,
+            # bf16): a drift near clip_range would clip the first update.
+            metrics["grpo/rollout_log_prob_drift"] = float((log_prob.detach() - ro.log_prob).abs().max())
         return metrics
