@@ -24,9 +24,9 @@ rollout (resume is exact when ``trainer.checkpoint_every`` is a multiple of ``up
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,7 +41,7 @@ from lcv_train.stages.base import Stage, StageConfig, StepContext, register_stag
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclasses.dataclass
 class GRPOConfig(StageConfig):
     name: str = "grpo"
     kind: str = "grpo"
@@ -57,10 +57,11 @@ class GRPOConfig(StageConfig):
     cfg_zero_star: bool = True
     clip_range: float = 1e-3
     kl_beta: float = 0.004
-    rewards: list[str] = field(default_factory=lambda: ["motion"])
-    reward_weights: list[float] = field(default_factory=lambda: [1.0])
-    reward_args: dict = field(default_factory=dict)  # {reward name: keyword arguments of build_scorer}
+    rewards: list[str] = dataclasses.field(default_factory=lambda: ["motion"])
+    reward_weights: list[float] = dataclasses.field(default_factory=lambda: [1.0])
+    reward_args: dict = dataclasses.field(default_factory=dict)  # {reward name: keyword arguments of build_scorer}
     updates_per_rollout: int = 1
+    update_batch: int = 0  # rows per forward/backward of the update (0: all P*G at once; same gradient)
     frames: int = 9
     height: int = 32
     width: int = 32
@@ -69,6 +70,8 @@ class GRPOConfig(StageConfig):
     def validate(self) -> "GRPOConfig":
         super().validate()
         p = "stage"
+        require(self.update_batch >= 0, f"{p}.update_batch", f"must be >= 0 (0 = the whole rollout batch), got "
+                f"{self.update_batch}")
         for key in ("prompts_per_step", "group_size", "steps", "updates_per_rollout", "frames", "height", "width"):
             require(getattr(self, key) >= 1, f"{p}.{key}", f"must be >= 1, got {getattr(self, key)}")
         require(self.group_size >= 2, f"{p}.group_size", f"must be >= 2 (advantages are relative to the group), "
@@ -109,6 +112,9 @@ class GRPOStage(Stage):
         super().__init__(cfg, train_cfg)
         from lcv_train.rewards import build_scorer
 
+        if cfg.update_batch and train_cfg.parallel.engine != "fsdp":
+            raise ConfigError(f"stage.update_batch: several backward passes per step need parallel.engine=fsdp "
+                              f"(got {train_cfg.parallel.engine}); set stage.update_batch=0")
         if train_cfg.trainer.grad_accum != 1:
             raise ConfigError(f"trainer.grad_accum: stage grpo takes one update per step over its rollout batch; "
                               f"set trainer.grad_accum=1 (got {train_cfg.trainer.grad_accum})")
@@ -271,20 +277,36 @@ class GRPOStage(Stage):
             self.current = self.make_rollout(ctx)
         cur = self.current
         ro: Rollout = cur["rollout"]
-        ctx.phase("forward")
-        v_fn = self.velocity_fn(ctx, cur["text"], cur["mask"])
-        mean_ref = None
-        if c.kl_beta > 0:  # before the policy's forward: a full fine-tune swaps weights in place
-            with torch.no_grad(), self.reference_policy(ctx):
-                v_ref = v_fn(ro.x, ro.sigma)
-                _, mean_ref, _, _ = sde_step(ro.x, v_ref, ro.sigma, ro.sigma_next, c.eta,
-                                             noise=torch.zeros_like(ro.x_next), std_max=c.std_max)
-        v = v_fn(ro.x, ro.sigma)
-        log_prob, mean, std = ro.log_prob_under(v, c.eta, c.std_max)
-        out = grpo_loss(log_prob, ro.log_prob, cur["advantages"], ro.sigma, ro.sigma_next, clip_range=c.clip_range,
-                        kl_beta=c.kl_beta, mean=mean, mean_ref=mean_ref, std=std)
-        ctx.phase("backward")
-        ctx.engine.backward(out.loss)
+        N = ro.x.shape[0]
+        chunk = c.update_batch or N
+        adv = cur["advantages"]
+        log_probs, means, stds, mean_refs = [], [], [], []
+        for lo in range(0, N, chunk):  # rows [lo, hi): the chunk losses, scaled by hi - lo, sum to the batch's
+            hi = min(lo + chunk, N)
+            part = _rows(ro, lo, hi)
+            ctx.phase("forward")
+            v_fn = self.velocity_fn(ctx, cur["text"][lo:hi], cur["mask"][lo:hi])
+            mean_ref = None
+            if c.kl_beta > 0:  # before the policy's forward: a full fine-tune swaps weights in place
+                with torch.no_grad(), self.reference_policy(ctx):
+                    v_ref = v_fn(part.x, part.sigma)
+                    _, mean_ref, _, _ = sde_step(part.x, v_ref, part.sigma, part.sigma_next, c.eta,
+                                                 noise=torch.zeros_like(part.x_next), std_max=c.std_max)
+                mean_refs.append(mean_ref)
+            v = v_fn(part.x, part.sigma)
+            log_prob, mean, std = part.log_prob_under(v, c.eta, c.std_max)
+            out = grpo_loss(log_prob, part.log_prob, adv[lo:hi], part.sigma, part.sigma_next,
+                            clip_range=c.clip_range, kl_beta=c.kl_beta, mean=mean, mean_ref=mean_ref, std=std)
+            ctx.phase("backward")
+            ctx.engine.backward(out.loss * ((hi - lo) / N))
+            log_probs.append(log_prob.detach())
+            means.append(mean.detach())
+            stds.append(std.detach())
+        log_prob = torch.cat(log_probs)
+        with torch.no_grad():  # the batch's loss and figures, from the chunks' detached values
+            out = grpo_loss(log_prob, ro.log_prob, adv, ro.sigma, ro.sigma_next, clip_range=c.clip_range,
+                            kl_beta=c.kl_beta, mean=torch.cat(means),
+                            mean_ref=torch.cat(mean_refs) if mean_refs else None, std=torch.cat(stds))
         cur["updates"] += 1
         metrics = ctx.optimizer_step(out.loss.detach())
         metrics.update({f"grpo/{k}": v for k, v in out.metrics.items()})
@@ -295,3 +317,8 @@ class GRPOStage(Stage):
             # bf16): a drift near clip_range would clip the first update.
             metrics["grpo/rollout_log_prob_drift"] = float((log_prob.detach() - ro.log_prob).abs().max())
         return metrics
+
+
+def _rows(ro: Rollout, lo: int, hi: int) -> Rollout:
+    """Rows ``lo:hi`` of a rollout batch."""
+    return Rollout(**{f.name: getattr(ro, f.name)[lo:hi] for f in dataclasses.fields(ro)})

@@ -168,6 +168,21 @@ def test_prompts_from_the_data_shards_reach_the_rewards_group_by_group(tmp_path)
     assert row["grpo/advantage_abs_max"] == 0.0
 
 
+def test_update_in_chunks_equals_the_whole_batch(tmp_path):
+    """``stage.update_batch=3`` (8 rows: chunks of 3, 3, 2) takes the same updates as one pass over the batch.
+    Catches chunk losses not weighted by their size (the last, smaller chunk over-counted)."""
+    from lcv_train.training.trainer import Trainer
+
+    common = ["trainer.max_steps=2", "stage.kl_beta=0.1", "stage.clip_range=0.2", "optim.lr=1e-2",
+              "stage.updates_per_rollout=2", "optim.grad_clip=0"]
+    Trainer(_config(tmp_path, "run.name=whole", *common)).fit()
+    Trainer(_config(tmp_path, "run.name=chunks", "stage.update_batch=3", *common)).fit()
+    for a, b in zip(_rows(tmp_path, "whole"), _rows(tmp_path, "chunks")):
+        for k in ("train/loss", "train/grad_norm", "grpo/kl", "grpo/ratio_min", "grpo/ratio_max"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-8), (a["step"], k)
+    assert _rows(tmp_path, "whole")[1]["grpo/kl"] > 0
+
+
 def test_grpo_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^stage\.sde_window: must satisfy 1 <= start"):
         _config(tmp_path, "stage.sde_window=[0,2]")
