@@ -25,7 +25,6 @@ rollout (resume is exact when ``trainer.checkpoint_every`` is a multiple of ``up
 from __future__ import annotations
 
 import dataclasses
-import logging
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,8 +36,6 @@ from lcv_train.errors import ConfigError, require
 from lcv_train.rl import Rollout, group_advantages, grpo_loss, rollout, sde_step
 from lcv_train.sampling.sampler import guided_velocity, sigma_schedule
 from lcv_train.stages.base import Stage, StageConfig, StepContext, register_stage
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
