@@ -34,7 +34,7 @@ import torch.distributed as dist
 from lcv_train.diffusion import null_text
 from lcv_train.errors import ConfigError, require
 from lcv_train.rl import Rollout, group_advantages, grpo_loss, rollout, sde_step
-from lcv_train.sampling.sampler import guided_velocity, sigma_schedule
+from lcv_train.sampling import guided_velocity, sigma_schedule
 from lcv_train.stages.base import Stage, StageConfig, StepContext, register_stage
 
 
