@@ -3,7 +3,9 @@
 from lcv_train.stages.base import (Stage, StageBatch, StageConfig, StepContext, build_stage, register_stage,
                                    stage_config_class, stage_kinds)
 from lcv_train.stages.flow_matching import FlowMatchingStage
+from lcv_train.stages.grpo import GRPOConfig, GRPOStage
 from lcv_train.stages.refine import RefineStage, RefineStageConfig
 
-__all__ = ["FlowMatchingStage", "RefineStage", "RefineStageConfig", "Stage", "StageBatch", "StageConfig", "StepContext", "build_stage",
+__all__ = ["FlowMatchingStage", "GRPOConfig", "GRPOStage", "RefineStage", "RefineStageConfig", "Stage", "StageBatch",
+           "StageConfig", "StepContext", "build_stage",
            "register_stage", "stage_config_class", "stage_kinds"]
