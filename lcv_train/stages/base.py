@@ -53,6 +53,7 @@ class StageBatch:
     text_mask: torch.Tensor  # [B, L] bool
     num_cond: int  # condition latent frames (first along T)
     pixels: torch.Tensor | None = None  # the loader's uint8 video [B, 3, F, H, W] when the shards hold pixels
+    captions: list[str] | None = None  # the batch's captions when the shards hold them (GRPO prompts)
 
 
 @dataclass

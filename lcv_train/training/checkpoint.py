@@ -352,5 +352,10 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
                 raise f from e
         cause = inner[0] if inner and isinstance(e, CheckpointException) else e
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        if isinstance(cause, KeyError) or first.startswith("Missing key"):  # readable, but other state than ours
+            raise CheckpointError(f"checkpoint {path} does not hold this run's training state ({type(cause).__name__}: "
+                                  f"{first}): it was written by another setup or an older lcv-train (e.g. before "
+                                  f"optimizer parameter groups); start from its weights instead: trainer.resume=none "
+                                  f"trainer.init_from={path} trainer.init_weights=model") from e
         raise CheckpointError(f"checkpoint {path} is incomplete or unreadable ({type(cause).__name__}: {first}); "
                               f"point trainer.resume at another checkpoint directory") from e

@@ -283,7 +283,7 @@ class Trainer:
             else:
                 text, mask = self.text_encoder.encode(list(batch["caption"]))
         return StageBatch(latents.float(), text.float(), mask.to(torch.bool), int(batch["num_cond_latents"]),
-                          pixels=batch.get("video"))
+                          pixels=batch.get("video"), captions=list(batch["caption"]) if "caption" in batch else None)
 
     def train_step(self, data_iter) -> dict:
         """One step: the stage's ``step`` with a ``StepContext``; returns every metric it and the trainer made."""

@@ -184,3 +184,25 @@ def test_a_checkpoint_with_missing_shards_is_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="incomplete or unreadable") as e:
         ck.load(path, {"w": torch.zeros(3)}, META)
     assert "\n" not in str(e.value)
+
+
+class _Groups:
+    """An optimizer-like state with ``n`` parameter groups."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def state_dict(self):
+        return {f"group{i}": torch.zeros(2) for i in range(self.n)}
+
+    def load_state_dict(self, sd):
+        return [sd[f"group{i}"] for i in range(self.n)]
+
+
+def test_a_checkpoint_of_other_training_state_names_init_from(tmp_path):
+    """A checkpoint from before optimizer parameter groups (1 group; now 2) is readable but is not this
+    run's state: one line that says how to start from its weights instead (not "incomplete")."""
+    ck = Checkpointer(tmp_path)
+    ck.save(1, {"optim": _Groups(1)}, {}, META)
+    with pytest.raises(CheckpointError, match=r"does not hold this run's training state .* trainer\.init_from="):
+        ck.load(ck.latest(), {"optim": _Groups(2)}, META)

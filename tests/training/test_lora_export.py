@@ -99,3 +99,21 @@ def test_merged_export_takes_the_base_from_the_checkpoint_when_it_holds_it(lora_
     load_published_dit(merged, tmp_path / "out")
     x = _inputs()
     torch.testing.assert_close(merged.eval()(*x), trained(*x), **TOL)
+
+
+def test_init_from_a_lora_run_starts_from_the_base_with_the_adapters_merged(lora_run):
+    """trainer.init_from=<LoRA run>: its checkpoint holds only the adapters; the start is the base its meta.json
+    records (init_from) with the EMA (default) or model adapters merged in."""
+    from lcv_train.checkpoints import init_source
+
+    base, trained, ema, run, pub = lora_run
+    meta_file = run / "checkpoints" / "step_0000003" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "init_from": str(pub)}))
+    x = _inputs()
+    for weights, want in (("ema", ema), ("model", trained)):
+        start = LongCatDiT(preset("tiny")).eval()
+        init_source(start, run, weights).load_into(start)
+        assert not any(".lora_" in k for k in start.state_dict())
+        torch.testing.assert_close(start(*x), want(*x), **TOL)
+    assert not torch.allclose(ema(*x), trained(*x), **TOL)

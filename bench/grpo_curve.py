@@ -1,0 +1,111 @@
+"""The GRPO reward curve on the tiny model on CPU: ``stage=grpo`` with one weights-free reward.
+
+Writes a tiny DiT with random weights in the published layout, then runs the real trainer with
+``stage=grpo`` (LoRA r4, G=4, 2 prompts a step, 3 sampling steps, 2-frame 16x16 videos) and prints the
+reward mean, the KL to the base and the clip fraction per step. The reward is ``--reward``: ``brightness``
+(mean pixel value, defined here: a closed-form optimum) or any registered scorer (``motion``,
+``synthetic_compliance`` where that scorer exists).
+
+    python bench/grpo_curve.py                      # 24 steps, brightness
+    python bench/grpo_curve.py --reward motion --steps 40
+    python bench/grpo_curve.py --write              # also replace its section of bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lcv_train.rewards import VideoScorer, register_scorer  # noqa: E402
+
+SECTION = "## GRPO reward curve on the tiny model (issue 13)"
+
+
+@register_scorer("brightness")
+class Brightness(VideoScorer):
+    name = "brightness"
+
+    def __call__(self, videos, prompts, fps):
+        return videos.float().flatten(1).mean(1).cpu()
+
+
+def run(reward: str, steps: int, lr: float, clip: float, beta: float) -> list[dict]:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import conf
+    from lcv_train.checkpoints import export_published_dit
+    from lcv_train.config import train_config_from_dict
+    from lcv_train.model import LongCatDiT
+    from lcv_train.training.trainer import Trainer
+
+    tmp = Path(tempfile.mkdtemp(prefix="grpo_curve_"))
+    torch.manual_seed(3)
+    m = LongCatDiT.from_preset("tiny")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.05)
+    export_published_dit(m.state_dict(), m.config, tmp / "pub")
+    (tmp / "prompts.txt").write_text("a red circle moves right\na blue square moves up\na green ball falls\n")
+    overrides = [f"run.root={tmp / 'runs'}", "run.name=r", "logger=none", f"synthetic.dir={tmp / 'data'}",
+                 "synthetic.n=4", "synthetic.frames=5", "synthetic.height=16", "synthetic.width=16",
+                 "data.buckets=[[5,16,16]]", "data.batch_size=2", "data.num_workers=0", "trainer.sample_at_end=false",
+                 "trainer.device=cpu", "stage=grpo", f"stage.prompts={tmp / 'prompts.txt'}", "stage.frames=2",
+                 "stage.height=16", "stage.width=16", "stage.steps=3", "stage.sde_window=[1,3]", "stage.group_size=4",
+                 "stage.prompts_per_step=2", "stage.guidance=1.0", "lora.rank=4", "lora.alpha=4.0",
+                 f"trainer.init_from={tmp / 'pub'}", f"trainer.max_steps={steps}", f"trainer.checkpoint_every={steps}",
+                 f"stage.rewards=[{reward}]", "stage.reward_weights=[1.0]", f"stage.clip_range={clip}",
+                 f"stage.kl_beta={beta}", f"optim.lr={lr}", "ema.decay=0"]
+    with initialize_config_dir(config_dir=str(Path(conf.__file__).parent), version_base=None):
+        cfg = compose("train", overrides=overrides)
+    Trainer(train_config_from_dict(OmegaConf.to_container(cfg, resolve=True))).fit()
+    rows = [json.loads(x) for x in (tmp / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    return [{"step": r["step"], "reward": r[f"grpo/reward/{reward}_mean"], "kl": r["grpo/kl"],
+             "clip": r["grpo/clip_fraction"]} for r in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reward", default="brightness")
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--lr", type=float, default=2e-2)
+    ap.add_argument("--clip", type=float, default=0.2)
+    ap.add_argument("--beta", type=float, default=0.004)
+    ap.add_argument("--write", action="store_true", help="replace this script's section of bench/RESULTS.md")
+    a = ap.parse_args()
+    rows = run(a.reward, a.steps, a.lr, a.clip, a.beta)
+    lines = [SECTION, "",
+             f"`python bench/grpo_curve.py --reward {a.reward} --steps {a.steps} --lr {a.lr} --clip {a.clip} "
+             f"--beta {a.beta}` ({platform.machine()}, {torch.get_num_threads()} threads, "
+             f"{datetime.date.today()}): tiny DiT (random weights), LoRA r4, G=4, 2 prompts a step, 3 sampling "
+             f"steps, 2x16x16 videos, one update per rollout.", "",
+             f"| step | {a.reward} mean | KL to base | clip fraction |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['step']} | {r['reward']:.4f} | {r['kl']:.4f} | {r['clip']:.3f} |" for r in rows]
+    first, last = rows[: max(1, len(rows) // 4)], rows[-max(1, len(rows) // 4):]
+    mean = lambda rs: sum(r["reward"] for r in rs) / len(rs)  # noqa: E731
+    lines += ["", f"Mean of the first {len(first)} steps {mean(first):.4f}, of the last {len(last)} "
+              f"{mean(last):.4f}; largest KL {max(r['kl'] for r in rows):.4f}."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.write:
+        path = REPO / "bench" / "RESULTS.md"
+        old = path.read_text()
+        if SECTION in old:
+            head, _, tail = old.partition(SECTION)
+            rest = tail.split("\n## ", 1)
+            old = head + ("## " + rest[1] if len(rest) > 1 else "")
+        path.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
