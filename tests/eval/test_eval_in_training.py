@@ -33,3 +33,26 @@ def test_eval_every_and_at_end_logs_curve_scores_and_videos(tmp_path):
     # the held-out set is not the training set: another seed, in its own folder
     assert len([d for d in data.iterdir() if d.name.startswith("heldout_") and d.is_dir()]) == 1
     assert losses(run) == losses(tmp_path / "runs" / "without")
+
+
+def test_eval_on_two_fsdp_ranks_equals_one_process(tmp_path):
+    """FSDP2 on 2 gloo ranks evaluates the weights one process evaluated (its checkpoint, resumed with a
+    vanishing lr): the same validation curve, 5 clips split 3 + 2 (the short rank must pad its forward
+    passes or the run hangs), and every one of the 3 prompts' videos (split 2 + 1) written."""
+    from tests.training.test_distributed_train import torchrun
+
+    o = tiny_overrides(tmp_path / "runs", tmp_path / "data") + [
+        "eval.at_end=true", "eval.samples=5", "eval.batch_size=2", "eval.synthetic_n=8", "eval.num_prompts=3",
+        "ema.decay=0", "trainer.sample_at_end=false", "parallel.backend=gloo"]
+    lcv_train(o + ["run.name=one", "trainer.max_steps=2"], cwd=tmp_path)
+    ckpt = tmp_path / "runs" / "one" / "checkpoints" / "step_0000002"
+    torchrun(o + ["run.name=two", "parallel=fsdp", f"trainer.resume={ckpt}", "trainer.max_steps=3",
+                  "optim.lr=1e-30"], cwd=tmp_path)
+    one, two = ({k: v for k, v in json.loads((tmp_path / "runs" / name / "metrics.jsonl").read_text()
+                                              .splitlines()[-1]).items() if k.startswith("eval/")}
+                for name in ("one", "two"))
+    assert set(two) == set(one) and "eval/val_loss/sigma_0.5" in two
+    for key in (k for k in one if k.startswith("eval/val_loss")):
+        assert abs(two[key] - one[key]) <= 1e-5 * abs(one[key]), (key, two[key], one[key])
+    assert sorted(f.name for f in (tmp_path / "runs" / "two" / "eval" / "step_0000003").glob("*.mp4")) == [
+        "000.mp4", "001.mp4", "002.mp4"]
