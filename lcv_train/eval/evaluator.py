@@ -125,9 +125,7 @@ class Evaluator:
                     metrics.update(self._samples(step, metrics_logger))
         finally:
             t.model.train(was_training)
-        if metrics_logger is not None:
-            metrics_logger.write(summary_line(step, metrics))
-        log.info("%s", summary_line(step, metrics))
+        log.info("%s", summary_line(step, metrics))  # the console (above the progress bar) and the log file
         return metrics
 
     def _validation(self) -> dict[str, float]:
@@ -245,8 +243,8 @@ def summary_line(step: int, m: dict[str, float]) -> str:
     for k, v in m.items():
         if k.startswith("eval/") and k.count("/") == 1 and k != "eval/val_loss":
             name = k.split("/", 1)[1]
-            sub = " ".join(f"{kk.rsplit('/', 1)[1]} {vv:.2f}" for kk, vv in m.items()
-                           if kk.startswith(k + "/") and kk.rsplit("/", 1)[1] in ("colour", "shape", "motion"))
+            sub = " ".join(f"{part} {m[f'{k}/{part}']:.2f}" for part in ("colour", "shape", "motion")
+                           if f"{k}/{part}" in m)
             parts.append(f"{name} {v:.3f}" + (f" ({sub})" if sub else ""))
     return f"eval at step {step}: " + ("; ".join(parts) if parts else "nothing measured")
 
