@@ -70,6 +70,27 @@ def _background(name: str, gradient: bool, h: int, w: int) -> np.ndarray:
     return img
 
 
+def make_caption(colour: str, shape: str, motion: str, background: str, gradient: bool) -> str:
+    """The caption grammar: "a <colour> <shape> moves <motion> on a <background> [gradient ]background";
+    a still image (``motion`` empty) drops "moves <motion>". ``parse_caption`` reads it back."""
+    where = f"a {background} gradient background" if gradient else f"a {background} background"
+    return f"a {colour} {shape} moves {motion} on {where}" if motion else f"a {colour} {shape} on {where}"
+
+
+def parse_caption(caption: str) -> Optional[dict[str, str]]:
+    """``{"colour", "shape", "motion"}`` of a caption in ``make_caption``'s grammar (motion "" for a still),
+    or None when the caption does not follow it. The background part is not needed and not checked."""
+    words = caption.strip().lower().split(" on a ", 1)[0].split(" ")
+    if len(words) < 3 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SHAPES:
+        return None
+    if len(words) == 3:
+        return {"colour": words[1], "shape": words[2], "motion": ""}
+    motion = " ".join(words[4:])
+    if words[3] != "moves" or motion not in MOTIONS:
+        return None
+    return {"colour": words[1], "shape": words[2], "motion": motion}
+
+
 def make_clip(rng: np.random.Generator, frames: int, height: int, width: int) -> tuple[np.ndarray, dict[str, Any]]:
     """uint8 [F,H,W,3] and its attributes (caption included)."""
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -92,8 +113,7 @@ def make_clip(rng: np.random.Generator, frames: int, height: int, width: int) ->
         img = bg_img.copy()
         img[m] = col
         out[i] = img.astype(np.uint8)
-    where = f"a {bg} gradient background" if gradient else f"a {bg} background"
-    caption = f"a {colour} {shape} moves {motion} on {where}" if motion else f"a {colour} {shape} on {where}"
+    caption = make_caption(colour, shape, motion, bg, gradient)
     speed = travel / max(1, frames - 1) / s
     attrs = {
         "caption": caption,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from conf.parsing import from_mapping
 from lcv_train.diffusion import FlowMatchingConfig
 from lcv_train.errors import require
+from lcv_train.eval.config import EvalConfig
 from lcv_train.lora import LoRAConfig
 from lcv_train.model.config import DiTConfig
 from lcv_train.sampling import SamplerConfig
@@ -175,6 +176,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # measured quality during training (lcv_train/eval)
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=0))  # rank 0: no LoRA
     # Validated by their owners (data_loaders, lcv_train.encoders).
     data: dict = field(default_factory=dict)
@@ -188,6 +190,7 @@ class TrainConfig:
             part.validate()
         self.parallel.validate()
         require(self.sample.steps >= 1, "sample.steps", f"must be >= 1, got {self.sample.steps}")
+        self.eval.validate()
         require(isinstance(self.lora.rank, int) and self.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = no LoRA)")
         if self.lora.rank:
             self.lora.validate()

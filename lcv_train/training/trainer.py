@@ -150,6 +150,9 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(cfg.trainer.skip_nonfinite_steps, self.engine.can_skip_nonfinite)
 
         self.loader = self._build_loader(data_cfg)
+        from lcv_train.eval.evaluator import Evaluator
+
+        self.evaluator = Evaluator(self) if cfg.eval.enabled else None  # held-out set, prompts, scorers
         # Noise differs across data-parallel replicas but not across the cp/tp ranks of one replica,
         # which must see the same sample.
         self.noise_gen = torch.Generator(self.device).manual_seed(cfg.run.seed * 100003 + self.dims.dp_rank)
@@ -406,6 +409,9 @@ class Trainer:
                     log.info("step %d loss %.5f grad_norm %.3f lr %.3g step_time %.3fs tokens/s %.0f", step,
                              m["train/loss"], m["train/grad_norm"], m["train/lr"], m["perf/step_time_s"],
                              m["perf/tokens_per_s"])
+                if self.evaluator is not None and cfg.eval.due(step, total):  # into this step's metrics row
+                    self.watchdog.enter("sample", step)
+                    m.update(self.evaluator.run(step, metrics_logger))
                 metrics_logger.log(step, m)
                 self.watchdog.enter("sync", step)
                 stop = self._should_stop()

@@ -150,7 +150,7 @@ def test_yaml_configs_build():
     codec = build_video_codec(OmegaConf.load(CONF / "vae" / "pixel.yaml"))
     assert codec.latent_channels == 16
     text = build_text_encoder(OmegaConf.load(CONF / "text_encoder" / "tiny_umt5.yaml"))
-    assert text.dim == 32 and text.max_length == 32
+    assert text.dim == 32 and text.max_length == 96
     for group, name in (("vae", "wan2.1"), ("text_encoder", "umt5_xxl")):
         cfg = OmegaConf.load(CONF / group / f"{name}.yaml")
         assert OmegaConf.is_missing(cfg, "path")

@@ -16,6 +16,7 @@ TINY = [
     "model=tiny",
     "logger=none",
     "trainer.sample_at_end=false",
+    "eval.at_end=false",
     "trainer.log_every=1",
     "data.batch_size=1",
     "data.num_workers=0",
