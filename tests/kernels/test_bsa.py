@@ -393,8 +393,14 @@ def test_separate_query_and_key_block_shapes(latent, kv_latent, block, kv_block,
                     kv_block_shape=kv_block)
 
 
+# The CDF rule alone (sparsity None): 1 to 3 of the 18 key blocks per row. (With sparsity 0.0 next to it, the
+# top-k floor kept all 18 and the CDF chose nothing; that also made these the costliest Triton cases.)
+CDF_CASE = dict(latent_shape=(4, 6, 6), kv_latent_shape=(4, 6, 6), block_shape=(2, 2, 2), sparsity=None, mult=4.0,
+                cdf_threshold=0.7)
+
+
 def test_torch_backend_cdf_rule():
-    run_and_compare("torch", "cpu", torch.float32, (4, 6, 6), (4, 6, 6), (2, 2, 2), 0.0, 4.0, cdf_threshold=0.7)
+    run_and_compare("torch", "cpu", torch.float32, **CDF_CASE)
 
 
 def test_torch_backend_small_chunks_match():
@@ -639,8 +645,7 @@ def test_triton_lse_merge_gradients(triton_device):
 
 
 def test_triton_cdf_rule(triton_device):
-    run_and_compare("triton", triton_device, torch.float32, (4, 6, 6), (4, 6, 6), (2, 2, 2), 0.0, 4.0,
-                    cdf_threshold=0.7)
+    run_and_compare("triton", triton_device, torch.float32, **CDF_CASE)
 
 
 def test_reverse_map_lists_query_blocks_per_key_block():
@@ -719,9 +724,12 @@ def test_triton_sharded_keys_merge(triton_device):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_grad_only_for_queries(backend, request):
-    """Frozen K/V (e.g. cached condition keys): only dq is computed, and it is the same."""
+    """Frozen K/V (e.g. cached condition keys): only dq is computed, and it is the same. (One batch row of
+    the blocked case: which gradients run does not depend on the batch size, and each Triton pass costs
+    seconds in the interpreter.)"""
     device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
     qb, kb, vb, qv, kv, idx, cnt = _blocked_case(torch.float32, device, seed=9)
+    qb, kb, vb, idx, cnt = qb[:1], kb[:1], vb[:1], idx[:1], cnt[:1]
     qa = qb.clone().requires_grad_()
     o, _ = block_attention(qa, kb, vb, qv, kv, idx, cnt, backend=backend)
     o.sum().backward()

@@ -7,8 +7,8 @@ have, register spills (ptxas' report), and 16-bit dots that do not become tensor
 mma.sync on sm_80). The compilation runs in a fresh interpreter because this process may have imported
 triton with TRITON_INTERPRET=1 (test_bsa.py sets it), and then kernels cannot be compiled here. The
 fp16/bf16 space (44 compilations, 2 processes) takes ~30 s on an idle 2-core machine; the fp32
-correctness path (12 large compilations) is a slow-marked test. Skipped with the reason when ptxas is
-missing.
+correctness path (12 large compilations) is a slow-marked test, compiled in the same run when it is selected.
+Skipped with the reason when ptxas is missing.
 """
 
 from __future__ import annotations
@@ -58,9 +58,23 @@ def _compile(tmp_path_factory, dtypes):
     return data["records"]
 
 
+FP32_TEST = "test_fp32_correctness_path_compiles_and_fits"
+
+
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    return _compile(tmp_path_factory, SIXTEEN_BIT)
+def compiled(request, tmp_path_factory):
+    """Every record of one compile_check run for the dtypes the selected tests need: fp16/bf16, and fp32 when
+    its (slow) test is selected. One run, not one per dtype group: each costs an interpreter and a pool
+    importing torch and triton, and the pool's last large compilations leave a core idle."""
+    items = request.session.items
+    dtypes = (SIXTEEN_BIT * any("records" in getattr(i, "fixturenames", ()) for i in items)
+              + ["float32"] * any(i.name == FP32_TEST for i in items))
+    return _compile(tmp_path_factory, dtypes)
+
+
+@pytest.fixture(scope="module")
+def records(compiled):
+    return [r for r in compiled if r["dtype"] in SIXTEEN_BIT]
 
 
 def test_every_dispatcher_configuration_is_compiled(records):
@@ -79,11 +93,11 @@ def test_compiles_fits_does_not_spill_and_uses_tensor_cores(records, kernel, arc
 
 
 @pytest.mark.slow
-def test_fp32_correctness_path_compiles_and_fits(tmp_path_factory):
+def test_fp32_correctness_path_compiles_and_fits(compiled):
     """fp32 (exact FMA dots): compiles for both targets and fits shared memory; spills are reported only.
 
     Also shows the MMA check can fail: these dots are FMAs and are reported so. ~2 min (large kernels)."""
-    recs = _compile(tmp_path_factory, ["float32"])
+    recs = [r for r in compiled if r["dtype"] == "float32"]
     assert sorted((r["name"], r["arch"]) for r in recs) == sorted(
         (c.name, arch) for arch in ARCHS for c in kernel_configs(arch, ["float32"]))
     bad = [msg for r in recs for msg in problems(r)]

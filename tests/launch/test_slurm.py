@@ -29,24 +29,14 @@ def _latest(run: Path) -> str:
     return (run / "checkpoints" / "latest").read_text().strip()
 
 
-def test_sbatch_trains_two_ranks_and_leaves_a_checkpoint(slurm_cluster, tmp_path):
-    job = _submit(slurm_cluster, tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2")
-    info = slurm_cluster.wait(job, timeout=150)
-    out = (tmp_path / f"lcv-{job}.out").read_text()
-    assert info.state == "COMPLETED" and info.exit_code == "0:0", f"{info.state} {info.exit_code}\n{out}"
-    run = tmp_path / "outputs" / f"lcv-{job}"  # run.name = <job name>-<job id>
-    assert _latest(run) == "step_0000004", out
-    assert (run / "checkpoints" / "step_0000004").is_dir()
-    for rank in (0, 1):
-        assert "step 4 loss" in (run / "logs" / f"rank{rank}.log").read_text()
-    assert "--nproc-per-node 2" in out and "rdzv-endpoint localhost:" in out
-
-
-def test_sbatch_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
-    """The time-limit path: USR1 to the batch shell -> checkpoint now -> requeue -> resume there.
+def test_sbatch_trains_two_ranks_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    """sbatch -> srun -> torchrun.sh -> 2 ranks train to the end and leave the final checkpoint; on the way,
+    the time-limit path: USR1 to the batch shell -> checkpoint now -> requeue -> resume there.
 
     No periodic checkpoints (checkpoint_every > max_steps), so the only checkpoint before the
-    requeue is the one the signal asked for.
+    requeue is the one the signal asked for (periodic checkpoints under sbatch: the fault/requeue test).
+    One job for both (it was two: a plain 4-step job, then this one), since each job start costs a torchrun
+    and two ranks' imports.
     """
     job = _submit(slurm_cluster, tmp_path, "trainer.max_steps=30", "trainer.checkpoint_every=1000")
     run = tmp_path / "outputs" / f"lcv-{job}"
@@ -74,6 +64,10 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     assert 2 <= step < 30, resumed[0]
     assert f"step_{step:07d}" in resumed[0]
     assert _latest(run) == "step_0000030"
+    assert (run / "checkpoints" / "step_0000030").is_dir()
+    for rank in (0, 1):
+        assert "step 30 loss" in (run / "logs" / f"rank{rank}.log").read_text()
+    assert "--nproc-per-node 2" in out and "rdzv-endpoint localhost:" in out
 
 
 def test_submitit_lcv_slurm_preset_runs_two_tasks(slurm_cluster, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,15 +20,28 @@ def runs(tmp_path_factory):
     return tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("data")
 
 
-def test_train_resume_continues_exactly(runs):
+def _cosine_overrides(root, data):
+    return [x for x in tiny_overrides(root, data) if not x.startswith("schedule.")] + [
+        "trainer.checkpoint_every=3", "schedule.kind=cosine", "schedule.warmup_steps=3", "schedule.min_lr_ratio=0.1",
+        "optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def full_run(runs):
+    """One 6-step run (checkpoints at steps 3 and 6, W&B offline), shared: the resume test compares with it,
+    the export and wrong-model tests read its checkpoint (each process start costs seconds of imports)."""
+    root, data = runs
+    lcv_train(_cosine_overrides(root, data) + ["run.name=full", "trainer.max_steps=6", "trainer.sample_at_end=false",
+                                               "logger=wandb"], cwd=root)
+    return root / "full"
+
+
+def test_train_resume_continues_exactly(runs, full_run):
     """3 + 3 steps equal 6 straight, under warmup and cosine decay: the logged lr (peak 1e-3, 3 warmup
     steps, cosine to 0.1 by step 6) is the closed form at every step, the resumed run's too."""
     root, data = runs
-    o = [x for x in tiny_overrides(root, data) if not x.startswith("schedule.")] + [
-        "trainer.checkpoint_every=3", "schedule.kind=cosine", "schedule.warmup_steps=3", "schedule.min_lr_ratio=0.1",
-        "optim.lr=1e-3"]
-    lcv_train(o + ["run.name=full", "trainer.max_steps=6", "trainer.sample_at_end=false", "logger=wandb"], cwd=root)
-    assert list((root / "full" / "wandb").glob("offline-run-*")), "W&B should log offline without an API key"
+    o = _cosine_overrides(root, data)
+    assert list((full_run / "wandb").glob("offline-run-*")), "W&B should log offline without an API key"
     lcv_train(o + ["run.name=split", "trainer.max_steps=3", "trainer.sample_at_end=false"], cwd=root)
     p = lcv_train(o + ["run.name=split", "trainer.max_steps=6"], cwd=root)
     assert (p.stdout + p.stderr).count("resumed from") == 1  # printed once, not by the logger and the bar both
@@ -75,22 +89,23 @@ def test_interrupt_leaves_only_complete_checkpoints(runs, tmp_path):
     assert f"at step {step}" in p.stdout + p.stderr
 
 
-def test_checkpoint_from_another_model_is_refused(runs):
+def test_checkpoint_from_another_model_is_refused(runs, full_run):
     root, data = runs
+    # A run folder whose latest checkpoint is the shared run's (tiny, depth 2), resumed with model.depth=3.
+    ckpts = root / "other" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copytree(full_run / "checkpoints" / "step_0000006", ckpts / "step_0000006")
+    (ckpts / "latest").write_text("step_0000006")
     o = tiny_overrides(root, data) + ["run.name=other", "trainer.sample_at_end=false"]
-    lcv_train(o + ["trainer.max_steps=1"], cwd=root)
-    p = lcv_train(o + ["trainer.max_steps=2", "model.depth=3"], cwd=root, check=False)
+    p = lcv_train(o + ["trainer.max_steps=7", "model.depth=3"], cwd=root, check=False)
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()[-1]
     assert "model.depth" in err and "different model" in err
 
 
-def test_export_to_published_format_loads_back(runs, tmp_path):
-    root, data = runs
-    o = tiny_overrides(root, data) + ["run.name=export", "trainer.sample_at_end=false", "trainer.max_steps=2"]
-    lcv_train(o, cwd=root)
+def test_export_to_published_format_loads_back(full_run, tmp_path):
     out = tmp_path / "exported"
-    p = subprocess.run([sys.executable, "-m", "lcv_train.export", str(root / "export"), str(out), "--weights", "ema"],
+    p = subprocess.run([sys.executable, "-m", "lcv_train.export", str(full_run), str(out), "--weights", "ema"],
                        env=env(), capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0, p.stderr
     from lcv_train.checkpoints import load_published_dit, read_dit_config
@@ -101,7 +116,7 @@ def test_export_to_published_format_loads_back(runs, tmp_path):
     from torch.distributed.checkpoint import load as dcp_load
 
     ema = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
-    dcp_load({"ema": ema}, checkpoint_id=str(root / "export" / "checkpoints" / "step_0000002"))
+    dcp_load({"ema": ema}, checkpoint_id=str(full_run / "checkpoints" / "step_0000006"))
     for n, p in m.named_parameters():
         torch.testing.assert_close(p, ema[n].to(torch.bfloat16).float(), msg=n)
 
