@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lcv_train.model.attention import AttentionOp, Grid, build_attention_op
+from kernels.attention_op import AttentionOp, Grid
+from lcv_train.model.attention import build_attention_op
 from lcv_train.model.config import DiTConfig, preset
 from lcv_train.model.rope import apply_rope, rope_tables
 

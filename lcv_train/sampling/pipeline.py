@@ -137,7 +137,7 @@ def attention_op(model, op):
 def bsa_op(model):
     """The block-sparse operator the model's config describes (``model.bsa``); context-parallel over the same
     group and mode when the model runs context parallel now."""
-    from lcv_train.model.attention import BlockSparseAttentionOp
+    from kernels.attention_op import BlockSparseAttentionOp
 
     b = model.config.bsa
     op = BlockSparseAttentionOp(b.sparsity, tuple(b.chunk_3d_shape_q), b.cdf_threshold, b.backend,

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from lcv_train.errors import ConfigError
-from lcv_train.model.attention import AttentionOp, BlockSparseAttentionOp, Grid, uses_block_sparse
+from kernels.attention_op import AttentionOp, BlockSparseAttentionOp, Grid, uses_block_sparse
 from parallel.context_parallel.comm import all_to_all, gather_grid, group_rank, group_size, split_grid
 from parallel.context_parallel.layout import ShardLayout, choose_layout, tile_unit
 from parallel.context_parallel.ring import bsa_ring_attention, dense_ring_attention

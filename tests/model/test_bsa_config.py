@@ -8,7 +8,7 @@ import torch
 
 from lcv_train.errors import ConfigError
 from lcv_train.model import AttentionOp, BSAConfig, DiTConfig, LongCatDiT, build_attention_op, preset
-from lcv_train.model.attention import uses_block_sparse
+from kernels.attention_op import uses_block_sparse
 
 
 def _published_config(tmp_path, **bsa_params):

@@ -19,7 +19,7 @@ try:
 except ImportError:  # tests/parallel became a package
     from tests.parallel._dist import close_pools, get_pool
 from lcv_train.errors import ConfigError
-from lcv_train.model.attention import AttentionOp, BlockSparseAttentionOp
+from kernels.attention_op import AttentionOp, BlockSparseAttentionOp
 from parallel.context_parallel import (RingAttentionOp, UlyssesAttentionOp, gather_grid, make_context_parallel_op,
                                        resolve_cp_group, split_grid)
 from parallel.context_parallel.layout import choose_layout

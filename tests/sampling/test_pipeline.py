@@ -94,7 +94,7 @@ def test_upsample_and_padding():
 def test_refine_runs_with_bsa_and_keeps_the_i2v_frame(sm, monkeypatch):
     """Stage 1 (5 frames 8x8) -> 9 frames 16x16 with BSA on (12 latent frames after padding: whole 4-frame
     blocks), no CFG, 4 steps from 0.5 (the 10-step schedule's tail); the attention operator is restored."""
-    from lcv_train.model.attention import BlockSparseAttentionOp
+    from kernels.attention_op import BlockSparseAttentionOp
 
     seen = []
     real = BlockSparseAttentionOp.self_attention

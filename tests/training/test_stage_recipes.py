@@ -165,7 +165,7 @@ def test_the_sparsity_set_on_any_block_sparse_operator_is_what_its_kernel_keeps(
     or a context-parallel one (ring, Ulysses; here on one rank). Catches an operator that copied the
     sparsity at construction (Ulysses did) and ignores a later change."""
     from kernels.bsa import topk_count
-    from lcv_train.model.attention import BlockSparseAttentionOp
+    from kernels.attention_op import BlockSparseAttentionOp
     from parallel.context_parallel.ops import RingAttentionOp, UlyssesAttentionOp
 
     grid = (8, 8, 8)  # 2x2x2 blocks of 4x4x4: 8 key blocks
@@ -185,7 +185,7 @@ def test_sparse_ft_attention_is_sparse_dense_at_zero(tmp_path, monkeypatch):
     """The model sparse_ft trains: its forward with the operator at sparsity 0 (what the warm-up starts
     from) equals the same weights under dense attention (fp32 rounding); at the published 0.9375 it differs
     from dense by far more than rounding (random weights, so attention shapes the output)."""
-    from lcv_train.model.attention import AttentionOp
+    from kernels.attention_op import AttentionOp
 
     trainer = _trainer(tmp_path, "trainer.max_steps=1")
     model = trainer._core_model()
