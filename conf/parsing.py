@@ -75,7 +75,7 @@ def _coerce(tp, v, key: str, error):
         inner = args[1] if len(args) == 2 else Any
         return {k: _coerce(inner, x, f"{key}.{k}", error) for k, x in v.items()}
     if tp in (list, tuple) or origin in (list, tuple):
-        if not isinstance(v, (list, tuple)):
+        if isinstance(v, (str, bytes)) or not isinstance(v, typing.Sequence):  # lists, tuples, OmegaConf lists
             raise error(f"{key}: expected a list, got {v!r}")
         args = typing.get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:

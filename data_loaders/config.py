@@ -193,7 +193,9 @@ def validate(cfg: DataConfig, root: str = "data") -> DataConfig:
     _num(f"{root}.batch_size", cfg.batch_size, 1, integer=True)
     if cfg.batch_sizes:
         if len(cfg.batch_sizes) != len(cfg.buckets):
-            raise _err(f"{root}.batch_sizes", f"needs one entry per bucket ({len(cfg.buckets)}), got {len(cfg.batch_sizes)}")
+            raise _err(f"{root}.batch_sizes", f"needs one entry per bucket ({len(cfg.buckets)}), got {len(cfg.batch_sizes)} (after "
+                       f"changing data.buckets, give data.batch_sizes one per bucket, or data.batch_sizes=[] to "
+                       f"use data.batch_size for every bucket)")
         for i, v in enumerate(cfg.batch_sizes):
             _num(f"{root}.batch_sizes[{i}]", v, 1, integer=True)
     _num(f"{root}.num_workers", cfg.num_workers, 0, integer=True)

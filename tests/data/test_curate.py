@@ -161,6 +161,7 @@ def test_shards_train(curated, tmp_path):
     out, summary, _ = curated
     shards = ",".join(summary["shards"].values())
     o = tiny_overrides(tmp_path, tmp_path / "syn") + ["data=shards", f"data.shards=[{shards}]", "data.num_workers=0",
+                                                     "data.batch_sizes=[]",  # stage video_pretrain sets 4 for its 4 buckets
                                                      "data.fps=8.0", "data.batch_size=2", "trainer.max_steps=2",
                                                      "trainer.sample_at_end=false", "run.name=curated"]
     lcv_train(o, cwd=tmp_path)
