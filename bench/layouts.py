@@ -76,7 +76,7 @@ def main() -> None:
     from lcv_train.model.dit import LongCatDiT
     from parallel import ParallelConfig, build_engine, init_distributed, parallelize_model
     from parallel.device_info import peak_flops
-    from parallel.planner import compose, forward_flops, latent_grid
+    from lcv_train.planner import compose, forward_flops, latent_grid
 
     c = compose([f"parallel={args.layout}"])
     pdict = OmegaConf.to_container(c.parallel, resolve=True)

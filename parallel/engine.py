@@ -190,15 +190,18 @@ class TorchEngine:
         from parallel.tensor_parallel import full_state_dict_from_tp
 
         local = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-        full = full_state_dict_from_tp(local, _config_of(self.model), self.tp_group)
+        from parallel.plan import plan_of
+
+        core = _core_of(self.model)
+        full = full_state_dict_from_tp(local, core.config, self.tp_group, plan_of(core))
         # copies: without FSDP the full state dict aliases the live parameters
         return {k: v.detach().to("cpu", copy=True) for k, v in full.items()} if dist.get_rank() == 0 else {}
 
 
-def _config_of(model):
+def _core_of(model):
     from parallel.fsdp import unwrap
 
-    return unwrap(model).config
+    return unwrap(model)
 
 
 def build_engine(model: torch.nn.Module, optimizer_cfg, dims, cfg, grad_clip: float = 1.0, *,

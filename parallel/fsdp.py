@@ -1,9 +1,12 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for the DiT: one group per block, bottom-up, then the root.
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): one group per block, bottom-up, then the root.
+
+Which modules are blocks, fp32 groups and input-casting groups is the model's plan (``parallel.plan``; the
+DiT's: ``lcv_train/model/parallel_plan.py``).
 
 Mixed precision (``parallel.mixed_precision=bf16``, GPU only): parameters are all-gathered and computed in
 bf16, gradients are reduced in fp32, and the sharded master weights (what the optimizer sees) stay fp32.
-The parts SPEC section 1 wants in fp32 get their own fp32 groups so that ``weight.dtype`` there stays fp32:
-the timestep embedder, each block's AdaLN modulation and the final layer. Block inputs are not cast
+The parts the plan keeps in fp32 get their own fp32 groups so that ``weight.dtype`` there stays fp32 (the
+DiT: the timestep embedder, each block's AdaLN modulation and the final layer, as SPEC section 1 wants). Block inputs are not cast
 (``cast_forward_inputs=False``): the timestep embedding and the RoPE tables must stay fp32; the token
 stream is already bf16 because the patch embedder (which casts its input) produces it.
 
@@ -21,6 +24,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from parallel.config import ParallelConfig
 from parallel.dims import ParallelDims
+from parallel.plan import plan_of
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -55,15 +59,20 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, mesh=N
     def shard(module, policy, reshard=True):
         fully_shard(module, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
 
-    shard(model.t_embedder, fp32)
-    shard(model.x_embedder, inputs)
-    shard(model.y_embedder, inputs)
-    n = len(model.blocks)
-    for i, block in enumerate(model.blocks):
-        shard(unwrap(block).adaLN_modulation, fp32)
+    plan = plan_of(model)
+    for path in plan.fsdp_fp32:
+        shard(model.get_submodule(path), fp32)
+    for path in plan.fsdp_inputs:
+        shard(model.get_submodule(path), inputs)
+    blocks = getattr(model, plan.blocks)
+    n = len(blocks)
+    for i, block in enumerate(blocks):
+        for path in plan.block_fp32:
+            shard(unwrap(block).get_submodule(path), fp32)
         # The last block is needed again first in backward: keep it gathered (the torchtitan choice).
         shard(block, compute, reshard=i < n - 1)
-    shard(model.final_layer, fp32, reshard=False)
+    if plan.fsdp_output:  # fp32, runs first in backward: kept gathered
+        shard(model.get_submodule(plan.fsdp_output), fp32, reshard=False)
     shard(model, compute, reshard=False)
     return model
 

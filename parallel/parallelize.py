@@ -1,6 +1,7 @@
 """``parallelize_model``: turn the plain DiT into its distributed form, in a fixed order
 (tensor parallel, context parallel, activation checkpointing, compile, then FSDP2).
-The model code knows nothing about any of it.
+The model code knows nothing about any of it; what is specific to the model (its blocks, fp32 parts, TP
+splits) comes from its plan (``model.parallel_plan()``, ``parallel/plan.py``).
 
 The DeepSpeed engines (``parallel.engine in (zero2, zero3)``) get only activation checkpointing and
 compile here; DeepSpeed itself partitions the model in ``parallel.zero``.
@@ -13,6 +14,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from parallel.config import ParallelConfig
 from parallel.dims import ParallelDims
+from parallel.plan import plan_of
 
 
 def canonical_name(name: str) -> str:
@@ -22,16 +24,18 @@ def canonical_name(name: str) -> str:
 
 
 def apply_activation_checkpointing(model: torch.nn.Module, every: int) -> None:
-    """Checkpoint every ``every``-th block (1 = all blocks, 2 = blocks 0, 2, 4, ...)."""
-    for i, block in enumerate(model.blocks):
+    """Checkpoint every ``every``-th block of the plan's (1 = all blocks, 2 = blocks 0, 2, 4, ...)."""
+    blocks = getattr(model, plan_of(model).blocks)
+    for i, block in enumerate(blocks):
         if i % every == 0:
-            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(model: torch.nn.Module) -> None:
     """``torch.compile`` each block on its own (same code for every block, so one compiled graph is reused)."""
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = torch.compile(block, fullgraph=False)
+    blocks = getattr(model, plan_of(model).blocks)
+    for i, block in enumerate(blocks):
+        blocks[i] = torch.compile(block, fullgraph=False)
 
 
 def apply_context_parallel_op(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> None:

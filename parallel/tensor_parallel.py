@@ -1,10 +1,10 @@
-"""Tensor parallelism for the DiT with megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear``.
+"""Tensor parallelism with megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear``.
 
-Per block (Megatron's attention/MLP split, heads divided across the ``tp`` mesh dim):
-
-- self-attention: ``qkv`` column-parallel, ``proj`` row-parallel;
-- cross-attention: ``q_linear`` and ``kv_linear`` column-parallel, ``proj`` row-parallel;
-- FFN: ``w1``, ``w3`` column-parallel, ``w2`` row-parallel.
+Which linears of each block are split, and how, is the model's plan (``ParallelPlan.tp_linears``; the
+DiT's, ``lcv_train/model/parallel_plan.py``: Megatron's attention/MLP split, heads divided across the
+``tp`` mesh dim: self-attention ``qkv`` column-parallel, ``proj`` row-parallel; cross-attention
+``q_linear`` and ``kv_linear`` column-parallel, ``proj`` row-parallel; FFN ``w1``, ``w3`` column-parallel,
+``w2`` row-parallel).
 
 Each TP rank keeps ``heads / tp`` heads (the attention modules' ``heads`` attribute is set to the local
 count, which is all the model reads to reshape). The fused layers' output rows are laid out ``[3, heads, hd]``
@@ -31,6 +31,7 @@ import torch.nn as nn
 from lcv_train.errors import ConfigError
 from parallel.dims import ParallelDims
 from parallel.parallelize import canonical_name
+from parallel.plan import ParallelPlan, TPLinear, plan_of
 
 
 def _megatron():
@@ -91,6 +92,11 @@ def _contiguous_rows(n: int, tp: int, rank: int) -> torch.Tensor:
     return torch.arange(n).view(tp, n // tp)[rank]
 
 
+def _rows(rule: TPLinear, n: int, heads: int, hd: int, tp: int, rank: int) -> torch.Tensor:
+    """The output rows of a column-split linear that TP rank ``rank`` owns, in local order."""
+    return _head_rows(rule.head_parts, heads, hd, tp, rank) if rule.head_parts else _contiguous_rows(n, tp, rank)
+
+
 def apply_tensor_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
     """Swap the attention and FFN linears of every block for megatron-core TP layers (in place)."""
     tp, rank = dims.tp, dims.tp_rank
@@ -102,8 +108,9 @@ def apply_tensor_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
                                  perform_initialization=False, params_dtype=dtype, sequence_parallel=False,
                                  gradient_accumulation_fusion=False)
     init = nn.init.zeros_  # never called (perform_initialization=False); weights are copied below
-    heads = model.config.num_heads
-    hd = model.config.head_dim
+    plan = plan_of(model)
+    heads = getattr(model.config, plan.config_heads)
+    hd = getattr(model.config, plan.config_head_dim)
 
     def column(lin: nn.Linear, rows: torch.Tensor) -> nn.Module:
         new = ColumnLinear(lin.in_features, lin.out_features, config=mp_cfg, init_method=init,
@@ -126,20 +133,19 @@ def apply_tensor_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
         _no_extra_state(new)
         return new.to(lin.weight.device)
 
-    for block in model.blocks:
-        attn, xattn, ffn = block.attn, block.cross_attn, block.ffn
-        attn.qkv = column(attn.qkv, _head_rows(3, heads, hd, tp, rank))
-        attn.proj = row(attn.proj)
-        xattn.q_linear = column(xattn.q_linear, _head_rows(1, heads, hd, tp, rank))
-        xattn.kv_linear = column(xattn.kv_linear, _head_rows(2, heads, hd, tp, rank))
-        xattn.proj = row(xattn.proj)
-        ffn.w1 = column(ffn.w1, _contiguous_rows(ffn.w1.out_features, tp, rank))
-        ffn.w3 = column(ffn.w3, _contiguous_rows(ffn.w3.out_features, tp, rank))
-        ffn.w2 = row(ffn.w2)
-        for m in (attn, xattn):
-            m.heads = heads // tp
-            for norm in (m.q_norm, m.k_norm):
-                norm.tp_partial_grad_param_names = ("weight",)
+    for block in getattr(model, plan.blocks):
+        for rule in plan.tp_linears:
+            parent_path, _, leaf = rule.path.rpartition(".")
+            parent = block.get_submodule(parent_path) if parent_path else block
+            lin = getattr(parent, leaf)
+            if rule.split == "row":
+                setattr(parent, leaf, row(lin))
+            else:
+                setattr(parent, leaf, column(lin, _rows(rule, lin.out_features, heads, hd, tp, rank)))
+        for path in plan.tp_attention:
+            block.get_submodule(path).heads = heads // tp
+        for path in plan.tp_partial_grads:
+            block.get_submodule(path).tp_partial_grad_param_names = ("weight",)
     model.tp_group = group
     return model
 
@@ -156,32 +162,28 @@ def sum_partial_tp_grads(model: nn.Module, group) -> None:
                 dist.all_reduce(g, group=group)
 
 
-def full_state_dict_from_tp(local_sd: dict[str, torch.Tensor], model_cfg, group) -> dict[str, torch.Tensor]:
+def full_state_dict_from_tp(local_sd: dict[str, torch.Tensor], model_cfg, group,
+                            plan: ParallelPlan) -> dict[str, torch.Tensor]:
     """Reassemble the published (unsplit) layout from each TP rank's local state dict (collective over
-    ``group``). Row-split tensors are concatenated along dim 0 and un-permuted; row-parallel weights along dim 1."""
+    ``group``). Column-split tensors are concatenated along dim 0 and un-permuted; row-split weights along
+    dim 1. ``plan``: the model's."""
     tp = dist.get_world_size(group)
-    heads, hd = model_cfg.num_heads, model_cfg.head_dim
+    heads, hd = getattr(model_cfg, plan.config_heads), getattr(model_cfg, plan.config_head_dim)
     out = {}
     for k, v in local_sd.items():
-        names = k.split(".")
-        in_block = len(names) == 5 and names[0] == "blocks" and names[2] in ("attn", "cross_attn", "ffn")
-        leaf = names[3] if in_block else ""
-        is_col = leaf in ("qkv", "q_linear", "kv_linear", "w1", "w3")
-        is_row = leaf in ("proj", "w2") and names[-1] == "weight"
-        parts = [torch.empty_like(v) for _ in range(tp)]
+        rule, param = plan.tp_linear(k)
+        is_row = rule is not None and rule.split == "row" and param == "weight"
+        is_col = rule is not None and rule.split == "column"
         if not (is_col or is_row):
             out[k] = v
             continue
+        parts = [torch.empty_like(v) for _ in range(tp)]
         dist.all_gather(parts, v.contiguous(), group=group)
         if is_row:
             out[k] = torch.cat(parts, dim=1)
             continue
         full = torch.cat(parts, dim=0)
-        n_parts = {"qkv": 3, "kv_linear": 2, "q_linear": 1}.get(leaf)
-        if n_parts is None:
-            out[k] = full
-            continue
-        order = torch.cat([_head_rows(n_parts, heads, hd, tp, r) for r in range(tp)])
+        order = torch.cat([_rows(rule, full.shape[0], heads, hd, tp, r) for r in range(tp)])
         restored = torch.empty_like(full)
         restored[order] = full
         out[k] = restored
@@ -237,13 +239,14 @@ def untag_tp_keys(model: nn.Module, model_sd: dict, optim_sd: dict | None, group
     return _rename(model, model_sd, optim_sd, group, forward=False)
 
 
-def consolidate_tp_state_dict(sd: dict, model_cfg) -> dict:
+def consolidate_tp_state_dict(sd: dict, model_cfg, plan: ParallelPlan) -> dict:
     """Full tensors from a checkpoint's per-TP-rank pieces (``<name>@tp<r>of<tp>``), for export.
 
-    The inverse of the splits ``apply_tensor_parallel`` makes: column-parallel layers own the rows of
-    their heads (fused qkv / kv keep q, k, v of one head group together) or a contiguous row range (FFN
-    w1, w3); row-parallel layers own a contiguous column range. Untagged entries pass through."""
-    heads, hd = model_cfg.num_heads, model_cfg.head_dim
+    The inverse of the splits ``apply_tensor_parallel`` makes (``plan``: the model's, e.g. the DiT's
+    ``lcv_train.model.parallel_plan.dit_parallel_plan()``):
+    column-split layers own the rows of their heads (fused parts keep q, k, v of one head group together)
+    or a contiguous row range; row-split weights own a contiguous column range. Untagged entries pass through."""
+    heads, hd = getattr(model_cfg, plan.config_heads), getattr(model_cfg, plan.config_head_dim)
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     out, tps = {}, {}
     for key, t in sd.items():
@@ -254,23 +257,20 @@ def consolidate_tp_state_dict(sd: dict, model_cfg) -> dict:
         rank, tp = (int(x) for x in tag.split("of"))
         pieces.setdefault(name, {})[rank] = t
         tps[name] = tp
-    fused_parts = {"attn.qkv": 3, "cross_attn.q_linear": 1, "cross_attn.kv_linear": 2}
     for name, parts in pieces.items():
         tp = tps[name]
         if sorted(parts) != list(range(tp)):
             from lcv_train.errors import CheckpointError
 
             raise CheckpointError(f"{name}: the checkpoint has TP pieces {sorted(parts)} of {tp}")
-        module, pname = name.rsplit(".", 1)
-        row_parallel = module.endswith(("attn.proj", "ffn.w2")) and pname == "weight"
-        if row_parallel:
+        rule, param = plan.tp_linear(name)
+        if rule is not None and rule.split == "row" and param == "weight":
             out[name] = torch.cat([parts[r] for r in range(tp)], dim=1)
             continue
         n = sum(p.shape[0] for p in parts.values())
         full = parts[0].new_empty((n, *parts[0].shape[1:]))
-        n_parts = next((k for suffix, k in fused_parts.items() if module.endswith(suffix)), None)
         for r in range(tp):
-            rows = _head_rows(n_parts, heads, hd, tp, r) if n_parts else _contiguous_rows(n, tp, r)
+            rows = _rows(rule, n, heads, hd, tp, r) if rule is not None else _contiguous_rows(n, tp, r)
             full[rows] = parts[r]
         out[name] = full
     return out

@@ -80,9 +80,10 @@ def _read(ckpt: Path, stored: dict, prefix: str, cfg: DiTConfig, skip: set[str] 
     dcp.load(sd, checkpoint_id=str(ckpt), no_dist=True)  # this process alone, whatever the others do
     pieces = {k[len(prefix):]: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     if any("@tp" in k for k in pieces):
+        from lcv_train.model.parallel_plan import dit_parallel_plan
         from parallel.tensor_parallel import consolidate_tp_state_dict
 
-        pieces = consolidate_tp_state_dict(pieces, cfg)
+        pieces = consolidate_tp_state_dict(pieces, cfg, dit_parallel_plan())
     return {_name(k, ""): v for k, v in pieces.items()}
 
 

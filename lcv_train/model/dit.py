@@ -281,6 +281,13 @@ class LongCatDiT(nn.Module):
     def from_preset(cls, name: str, **overrides) -> "LongCatDiT":
         return cls(preset(name, **overrides))
 
+    @staticmethod
+    def parallel_plan():
+        """How ``parallel`` shards this model (``lcv_train/model/parallel_plan.py``)."""
+        from lcv_train.model.parallel_plan import dit_parallel_plan
+
+        return dit_parallel_plan()
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Every parameter to ``initial_parameter(name, ...)`` (meta parameters are left alone)."""

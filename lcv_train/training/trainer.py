@@ -376,7 +376,7 @@ class Trainer:
 
         peak = peak_flops(self.device)
         if peak:
-            from parallel.planner import forward_flops
+            from lcv_train.planner import forward_flops
 
             # Model FLOPs (forward + backward = 3x forward matmuls; recomputation not counted), of the whole
             # model whatever the sharding, over the peak of every device.

@@ -9,7 +9,7 @@ import pytest
 from lcv_train.errors import ConfigError
 from lcv_train.model.config import preset
 from parallel import ParallelConfig
-from parallel import planner
+from lcv_train import planner
 from tests.optional import needs
 
 

@@ -130,7 +130,7 @@ def test_lcv_export_help_names_the_command(capsys):
 
 def test_lcv_plan_plans_a_real_clip_or_refuses(capsys):
     """Catches the 13.6B plan of the embedded default's 9x32x32 clip (12 tokens per sample)."""
-    from parallel import planner
+    from lcv_train import planner
 
     assert planner.main(["model=longcat-13.6b", "parallel=fsdp", "world_size=64", "json=true"]) == 0
     p = json.loads(capsys.readouterr().out)
@@ -143,7 +143,7 @@ def test_lcv_plan_plans_a_real_clip_or_refuses(capsys):
 
 def test_readme_lcv_plan_block_is_the_commands_output(capsys):
     """Every figure of the README's lcv-plan example is what the command shown prints."""
-    from parallel import planner
+    from lcv_train import planner
 
     block = re.search(r"```bash\n\$ (lcv-plan [^\n]+)\n(.*?)```", README, re.S)
     assert block, "the README's lcv-plan example is missing"
