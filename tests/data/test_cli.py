@@ -174,4 +174,7 @@ def test_encode_cli_with_standins(syn_dir, tmp_path, capsys):
     cfg = DataConfig(shards=[out], buckets=[[9, 32, 32]], batch_size=3, num_workers=0, epochs=1, temporal_stride=1)
     batches = list(build_loader(cfg, 0, 1, 0))
     assert sum(len(b["keys"]) for b in batches) == 6
-    assert batches[0]["latents"].shape[2] == 9 and batches[0]["text"].shape[1] == 32
+    import yaml
+
+    max_length = yaml.safe_load(open(os.path.join(REPO, "conf", "text_encoder", "tiny_umt5.yaml")))["max_length"]
+    assert batches[0]["latents"].shape[2] == 9 and batches[0]["text"].shape[1] == max_length  # the config's tokens

@@ -158,7 +158,7 @@ def _trainer(tmp_path, name: str, grad_accum: int, batch: int):
     from lcv_train.config import train_config_from_dict
     from lcv_train.training.trainer import Trainer
 
-    overrides = [f"run.root={tmp_path / 'runs'}", f"run.name={name}", "logger=none", f"synthetic.dir={tmp_path / 'data'}",
+    overrides = [f"run.root={tmp_path / 'runs'}", f"run.name={name}", "logger=none", "eval.at_end=false", f"synthetic.dir={tmp_path / 'data'}",
                  "synthetic.n=4", "synthetic.frames=5", "synthetic.height=16", "synthetic.width=16",
                  "data.buckets=[[5,16,16]]", f"data.batch_size={batch}", "data.num_workers=0",
                  f"trainer.grad_accum={grad_accum}", "trainer.max_steps=10", "schedule.kind=cosine",

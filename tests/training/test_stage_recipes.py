@@ -104,7 +104,7 @@ def _trainer(tmp_path, *extra):
     from lcv_train.config import train_config_from_dict
     from lcv_train.training.trainer import Trainer
 
-    d = compose("stage=sparse_ft", f"run.root={tmp_path / 'runs'}", "run.name=sp", "logger=none",
+    d = compose("stage=sparse_ft", f"run.root={tmp_path / 'runs'}", "run.name=sp", "logger=none", "eval.at_end=false",
                 f"synthetic.dir={tmp_path / 'data'}", "synthetic.n=16", "data.batch_size=2", "data.num_workers=0",
                 "trainer.sample_at_end=false", "trainer.device=cpu", "model.bsa.backend=torch", *extra)
     return Trainer(train_config_from_dict(d))

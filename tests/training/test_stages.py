@@ -61,7 +61,7 @@ def _config(tmp_path, *extra):
     overrides = [f"run.root={tmp_path / 'runs'}", "run.name=r", "logger=none", f"synthetic.dir={tmp_path / 'data'}",
                  "synthetic.n=4", "synthetic.frames=5", "synthetic.height=16", "synthetic.width=16",
                  "data.buckets=[[5,16,16]]", "data.batch_size=2", "data.num_workers=0", "trainer.sample_at_end=false",
-                 "trainer.device=cpu", "trainer.checkpoint_every=2", *extra]
+                 "trainer.device=cpu", "trainer.checkpoint_every=2", "eval.at_end=false", *extra]
     with initialize_config_dir(config_dir=str(Path(conf.__file__).parent), version_base=None):
         cfg = compose("train", overrides=overrides)
     return train_config_from_dict(OmegaConf.to_container(cfg, resolve=True))
