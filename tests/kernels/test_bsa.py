@@ -25,6 +25,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.optional import require
 import torch
 import torch.nn.functional as F
 
@@ -556,7 +558,7 @@ def _triton_interpreter_usable() -> bool:
 
 @pytest.fixture(scope="module")
 def triton_device():
-    pytest.importorskip("triton")
+    require("triton")  # a Linux dependency: skips with the reason elsewhere, fails under CI
     if HAS_CUDA:
         return "cuda"
     if not _triton_interpreter_usable():
@@ -577,7 +579,7 @@ def test_triton_in_fresh_interpreter():
     if HAS_CUDA or _triton_interpreter_usable():
         # Justified: this is only the fallback; the Triton tests already ran in this process.
         pytest.skip("the Triton tests run in this process")
-    pytest.importorskip("triton")
+    require("triton")  # a Linux dependency: skips with the reason elsewhere, fails under CI
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
@@ -649,7 +651,7 @@ def test_triton_cdf_rule(triton_device):
 
 
 def test_reverse_map_lists_query_blocks_per_key_block():
-    pytest.importorskip("triton")
+    require("triton")  # a Linux dependency: skips with the reason elsewhere, fails under CI
     from kernels.bsa.triton_fwd_bwd import build_reverse_map
 
     g = torch.Generator().manual_seed(0)

@@ -128,7 +128,6 @@ def test_sample_keeps_the_trainers_call(sm):
 
 def test_sde_step_rule_plugs_into_the_loop(sm):
     """GRPO's rollouts reuse ``denoise`` with the SDE step at one critical step; the other steps are Euler."""
-    pytest.importorskip("lcv_train.rl.sde", reason="lcv_train.rl (issue 12's rl branch) not merged yet")
     from lcv_train.sampling import EulerStep, SDEStep, sigma_schedule
 
     text, mask = sm.text_encoder.encode(["a"])
