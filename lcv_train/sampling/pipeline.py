@@ -24,23 +24,20 @@ import torch
 from lcv_train.diffusion.refine import upsample_video  # training and inference upsample alike
 from lcv_train.diffusion.flow_matching import null_text
 from lcv_train.sampling.guidance import uses_cfg
-from lcv_train.sampling.sampler import Denoiser, denoise
+from lcv_train.sampling.sampler import Denoiser, SamplerConfig, denoise
 from lcv_train.sampling.schedules import refine_sigmas, sigma_schedule
 
 TASKS = ("t2v", "i2v", "vc")
 
 
 @dataclass
-class GenerationConfig:
-    """What one clip is: size, steps, guidance and schedule (``schedule=base|enhance_hf|distill``)."""
+class GenerationConfig(SamplerConfig):
+    """What one clip is: the sampler's steps, shift and guidance, plus size and schedule
+    (``schedule=base|enhance_hf|distill``)."""
 
     frames: int = 93
     height: int = 480
     width: int = 832
-    steps: int = 50
-    guidance: float = 4.0
-    cfg_zero_star: bool = True
-    shift: float = 12.0
     schedule: str = "base"
     use_cache: bool = True
 
