@@ -11,7 +11,7 @@ Config keys per kind (defaults in brackets; unknown keys are a ConfigError namin
 * ``vae.kind=pixel``: ``device`` [cpu].
 * ``vae.kind=wan2.1``: ``path`` (required: the LongCat-Video folder), ``subfolder`` [vae], ``dtype`` [bf16],
   ``device`` [cpu], ``sample_posterior`` [false], ``tiling`` [false], ``slicing`` [false].
-* ``text_encoder.kind=tiny_umt5``: ``dim`` [32], ``max_length`` [32], ``num_layers`` [2], ``num_heads`` [4],
+* ``text_encoder.kind=tiny_umt5``: ``dim`` [32], ``max_length`` [96], ``num_layers`` [2], ``num_heads`` [4],
   ``seed`` [0], ``dtype`` [fp32], ``device`` [cpu].
 * ``text_encoder.kind=umt5_xxl``: ``path`` (required), ``subfolder`` [text_encoder],
   ``tokenizer_subfolder`` [tokenizer], ``max_length`` [512], ``dtype`` [bf16], ``device`` [cpu].
@@ -60,7 +60,7 @@ class WanVAEOptions:
 class TinyUMT5Options:
     kind: str = "tiny_umt5"
     dim: int = 32
-    max_length: int = 32
+    max_length: int = 96  # as conf/text_encoder/tiny_umt5.yaml: the synthetic captions are never cut
     num_layers: int = 2
     num_heads: int = 4
     seed: int = 0

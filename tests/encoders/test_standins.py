@@ -60,12 +60,12 @@ CAPTIONS = ["a cat", "héllo wörld " * 10, ""]
 
 def test_tiny_umt5_shapes_and_mask():
     text = build_text_encoder({"kind": "tiny_umt5"})
-    assert text.dim == 32 and text.max_length == 32
+    assert text.dim == 32 and text.max_length == 96  # the defaults of conf/text_encoder/tiny_umt5.yaml
     emb, mask = text.encode(CAPTIONS)
-    assert emb.shape == (3, 32, 32) and emb.dtype == torch.float32 and mask.dtype == torch.bool
+    assert emb.shape == (3, 96, 32) and emb.dtype == torch.float32 and mask.dtype == torch.bool
     # bytes + EOS, truncated to max_length; masks are prefixes
-    assert mask.sum(1).tolist() == [len(b"a cat") + 1, 32, 1]
-    assert torch.equal(mask, torch.arange(32)[None] < mask.sum(1, keepdim=True))
+    assert mask.sum(1).tolist() == [len(b"a cat") + 1, 96, 1]  # the second is 141 bytes + EOS: cut
+    assert torch.equal(mask, torch.arange(96)[None] < mask.sum(1, keepdim=True))
     assert torch.count_nonzero(emb[~mask]) == 0
     assert (emb[mask].abs().sum(-1) > 0).all()
     assert 0.3 < emb[mask].std().item() < 3.0
