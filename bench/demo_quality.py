@@ -70,7 +70,8 @@ def _evaluate_checkpoints(run: Path, steps: list[int] | None) -> list[dict]:
         c["run"].update(root=str(run / "bench_eval"), name=f"step_{step:07d}")
         c["trainer"]["resume"] = str(run / "checkpoints" / f"step_{step:07d}")
         trainer = Trainer(train_config_from_dict(c), c)
-        rows.append({"step": step, **trainer.evaluator.run(step)})
+        figures = trainer.evaluator.run(step)
+        rows.append({"step": step, **{k: v for k, v in figures.items() if not k.startswith("eval/video/")}})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -65,3 +65,27 @@ def init_source(model: torch.nn.Module, path: str | Path, weights: str = "ema") 
     raise FileNotFoundError(f"{p}: neither a published LongCat-Video folder (no {p / 'dit' / 'config.json'}) nor a "
                             f"run or checkpoint of ours (no checkpoints/latest, meta.json); point trainer.init_from "
                             f"at one of those")
+
+
+def source_fingerprint(path: str | Path, weights: str = "ema", blocks: int = 64, block_bytes: int = 1 << 16) -> str:
+    """A sha256 hex digest of the weights ``init_source(model, path, weights)`` would read: every file of the
+    resolved folder (the published ``dit/``, or our ``step_N``: a run directory's latest) by relative name
+    and size, and ``blocks`` evenly spaced ``block_bytes`` blocks of each. Another or a rewritten checkpoint
+    changes it; a 27 GB model costs a few MB of reads. A missing source raises ``FileNotFoundError``."""
+    import hashlib
+
+    from lcv_train.checkpoints.ours import is_our_checkpoint, resolve_checkpoint
+    from lcv_train.checkpoints.published import dit_dir
+
+    p = Path(path).expanduser()
+    published = (p / "dit" / "config.json").is_file() or (p / "config.json").is_file() or not is_our_checkpoint(p)
+    folder = dit_dir(p) if published else resolve_checkpoint(p)  # as init_source decides
+    h = hashlib.sha256(b"published" if published else f"checkpoint {weights} weights".encode())
+    for f in sorted(x for x in folder.rglob("*") if x.is_file()):
+        size = f.stat().st_size
+        h.update(f"\n{f.relative_to(folder).as_posix()} {size}\n".encode())
+        with open(f, "rb") as fh:
+            for k in range(blocks):
+                fh.seek(size * k // blocks)
+                h.update(fh.read(block_bytes))
+    return h.hexdigest()

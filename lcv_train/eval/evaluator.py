@@ -6,7 +6,7 @@
    starts from noise drawn from ``(eval.seed, i)``, so a video depends on the weights only. Data-parallel
    rank ``r`` renders the prompts with ``i % dp_size == r``; the first rank of each replica writes them to
    ``eval/step_N/iii.mp4``; rank 0 adds a frame strip (``eval/step_N.png``, one row per prompt it holds)
-   and logs the videos to W&B.
+   and returns every video as ``eval/video/iii`` (a ``LoggedVideo``: the metrics logger sends it to W&B).
 3. ``eval.scorers`` on those videos; per-video figures are summed across ranks into slots (exact), so the
    means are those of one process.
 
@@ -111,7 +111,7 @@ class Evaluator:
 
     # -- one evaluation --------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, step: int, metrics_logger=None) -> dict[str, float]:
+    def run(self, step: int) -> dict:
         t = self.t
         was_training = t.model.training
         t.model.eval()
@@ -122,7 +122,7 @@ class Evaluator:
                 if self.data_cfg is not None and self.cfg.samples:
                     metrics.update(self._validation())
                 if self.prompts and (self.cfg.videos or self.scorers):
-                    metrics.update(self._samples(step, metrics_logger))
+                    metrics.update(self._samples(step))
         finally:
             t.model.train(was_training)
         log.info("%s", summary_line(step, metrics))  # the console (above the progress bar) and the log file
@@ -139,7 +139,7 @@ class Evaluator:
         out["eval/val_loss"] = sum(curve.values()) / len(curve)
         return out
 
-    def _samples(self, step: int, metrics_logger) -> dict[str, float]:
+    def _samples(self, step: int) -> dict:
         from lcv_train.sampling import sample
 
         t, s = self.t, self.t.cfg.sample
@@ -180,11 +180,13 @@ class Evaluator:
                 dist.all_reduce(vec)
             out[name] = float(vec.mean())
         if self.cfg.videos:
-            self._save(step, videos, metrics_logger)
+            out.update(self._save(step, videos))
         return out
 
-    def _save(self, step: int, videos: dict[int, torch.Tensor], metrics_logger) -> None:
+    def _save(self, step: int, videos: dict[int, torch.Tensor]) -> dict:
+        """Write this rank's videos; rank 0 returns all of them as ``eval/video/iii`` entries (``LoggedVideo``)."""
         from data_loaders.decode import encode_mp4
+        from lcv_train.training.metrics import LoggedVideo
 
         t, fps = self.t, self.t.cfg.sample.fps
         folder = t.run_dir / "eval" / f"step_{step:07d}"
@@ -198,13 +200,9 @@ class Evaluator:
                 write_frame_strip(folder.with_suffix(".png"), [videos[i] for i in sorted(videos)])
         if dist.is_initialized():
             dist.barrier()
-        wb = getattr(metrics_logger, "wandb", None) if t.rank == 0 else None
-        if wb is not None:
-            import wandb
-
-            media = {f"eval/video/{p.stem}": wandb.Video(str(p), caption=self.prompts[int(p.stem)], format="mp4")
-                     for p in sorted(folder.glob("*.mp4"))}
-            wb.log(media, step=step)
+        if t.rank != 0:
+            return {}
+        return {f"eval/video/{p.stem}": LoggedVideo(p, self.prompts[int(p.stem)]) for p in sorted(folder.glob("*.mp4"))}
 
 
 def to_uint8_frames(video: torch.Tensor):

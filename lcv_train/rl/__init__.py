@@ -7,9 +7,9 @@ that trains with them uses these functions and keeps no copy of the formulas.
 """
 
 from lcv_train.rl.advantages import group_advantages
-from lcv_train.rl.loss import GRPOLossOutput, grpo_loss, timestep_weight
-from lcv_train.rl.rollout import Rollout, rollout
+from lcv_train.rl.loss import STATS, GRPOLossOutput, grpo_loss, grpo_metrics, timestep_weight
+from lcv_train.rl.rollout import Rollout, prompt_generator, rollout
 from lcv_train.rl.sde import sde_log_prob, sde_step
 
-__all__ = ["GRPOLossOutput", "Rollout", "group_advantages", "grpo_loss", "rollout", "sde_log_prob", "sde_step",
-           "timestep_weight"]
+__all__ = ["STATS", "GRPOLossOutput", "Rollout", "group_advantages", "grpo_loss", "grpo_metrics", "prompt_generator",
+           "rollout", "sde_log_prob", "sde_step", "timestep_weight"]

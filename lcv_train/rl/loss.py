@@ -27,10 +27,41 @@ def timestep_weight(sigma, sigma_next) -> torch.Tensor:
     return (torch.sqrt(s / (1 - s)) / torch.sqrt((s_next - s).abs())).float()
 
 
+# What a batch of critical steps contributes to the logged figures, as one float64 vector: sums (so the rows
+# of several ranks or chunks add up) and extremes. ``grpo_metrics`` turns rows of these into the figures.
+STATS = ("count", "loss", "policy_loss", "kl", "clipped", "ratio", "ratio_min", "ratio_max", "advantage",
+         "advantage_sq", "advantage_abs_max", "weight", "log_ratio_abs_max")
+_MIN, _MAX = {"ratio_min"}, {"ratio_max", "advantage_abs_max", "log_ratio_abs_max"}
+
+
+def grpo_metrics(stats: torch.Tensor) -> dict[str, float]:
+    """The figures of the samples behind ``stats`` [n, len(STATS)] (one row per rank or chunk, or [len(STATS)]):
+    means over every sample (loss, policy loss, KL, clip fraction, ratio and advantage means, advantage
+    population std, the weight), ratio min/max, advantage abs max, and ``log_ratio_abs_max`` (the largest
+    |log_prob - old_log_prob|: on a rollout's first update, how far the recomputed log-prob drifted)."""
+    rows = stats.detach().double().cpu().reshape(-1, len(STATS))
+    col = {name: rows[:, i] for i, name in enumerate(STATS)}
+    red = {k: float(v.min() if k in _MIN else v.max() if k in _MAX else v.sum()) for k, v in col.items()}
+    n = red["count"]
+    mean = {k: red[k] / n for k in ("loss", "policy_loss", "kl", "clipped", "ratio", "advantage", "advantage_sq",
+                                    "weight")}
+    return {"loss": mean["loss"], "policy_loss": mean["policy_loss"], "kl": mean["kl"],
+            "clip_fraction": mean["clipped"], "ratio_mean": mean["ratio"], "ratio_min": red["ratio_min"],
+            "ratio_max": red["ratio_max"], "advantage_mean": mean["advantage"],
+            "advantage_std": max(mean["advantage_sq"] - mean["advantage"] ** 2, 0.0) ** 0.5,
+            "advantage_abs_max": red["advantage_abs_max"], "weight_mean": mean["weight"],
+            "log_ratio_abs_max": red["log_ratio_abs_max"]}
+
+
 @dataclass
 class GRPOLossOutput:
     loss: torch.Tensor                 # scalar, to backpropagate
-    metrics: dict[str, float]          # clip fraction, ratio mean/min/max, KL, advantage stats, the terms
+    stats: torch.Tensor                # [len(STATS)] float64 on the loss's device: this batch's share of the figures
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Clip fraction, ratio mean/min/max, KL, advantage stats, the terms: ``grpo_metrics`` of this batch."""
+        return grpo_metrics(self.stats)
 
 
 def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -66,15 +97,13 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
         loss_per_sample = loss_per_sample + kl_beta * w**2 * kl
     loss = loss_per_sample.mean()
     with torch.no_grad():
-        r = ratio.detach()
-        metrics = {
-            "loss": float(loss.detach()),
-            "policy_loss": float((w * policy).detach().mean()),
-            "kl": float(kl.detach().mean()),
-            "clip_fraction": float(((r - 1).abs() > clip_range).float().mean()),
-            "ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
-            "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std(correction=0)),
-            "advantage_abs_max": float(adv.abs().max()),
-            "weight_mean": float(w.mean()),
-        }
-    return GRPOLossOutput(loss, metrics)
+        r, log_r = ratio.detach(), (lp - old_log_prob.detach().float().to(lp.device)).detach()
+        d = lambda t: t.double()  # noqa: E731
+        parts = {"count": torch.tensor(float(B), dtype=torch.float64, device=lp.device),
+                 "loss": d(loss_per_sample).sum(), "policy_loss": d(w * policy).sum(), "kl": d(kl).sum(),
+                 "clipped": d((r - 1).abs() > clip_range).sum(), "ratio": d(r).sum(), "ratio_min": d(r.min()),
+                 "ratio_max": d(r.max()), "advantage": d(adv).sum(), "advantage_sq": d(adv**2).sum(),
+                 "advantage_abs_max": d(adv.abs().max()), "weight": d(w).sum(),
+                 "log_ratio_abs_max": d(log_r.abs().max())}
+        stats = torch.stack([parts[k] for k in STATS])
+    return GRPOLossOutput(loss, stats)

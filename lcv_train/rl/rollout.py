@@ -8,11 +8,17 @@ differ only through it, so the reward differences are credited to it.
 ``v_fn(x, sigma)`` is the velocity in the published sign (``x0 - eps``) for a batch ``x`` [N, ...] at noise
 levels ``sigma`` [N]; samples are ordered prompt-major (prompt p's group is rows ``p*G .. p*G+G-1``), so a
 closure over the prompts' text embeddings (with CFG, the caller's business) knows which row is which.
+
+Every random draw of prompt ``p`` (its critical step, its G SDE noises) comes from ``generator[p]`` when a
+generator per prompt is given: ``prompt_generator(seed, batch_index, prompt_index)`` seeds one from the run
+seed, the rollout batch and the prompt's index in the whole job's batch, so a prompt's rollout is the same
+whichever data-parallel rank holds it (the caller draws the prompt's initial noise from it first).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,14 +51,22 @@ class Rollout:
         return sde_log_prob(self.x_next, mean, std), mean, std
 
 
+def prompt_generator(seed: int, batch_index: int, prompt_index: int) -> torch.Generator:
+    """A CPU generator for one prompt of one rollout batch: seeded from (run seed, rollout batch index, the
+    prompt's index in the job's global batch) only, so any rank, world size or device draws the same."""
+    digest = hashlib.sha256(f"grpo/{seed}/{batch_index}/{prompt_index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 @torch.no_grad()
 def rollout(v_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, group_size: int,
             sde_window: tuple[int, int], eta: float = 1.0, std_max: float | None = None,
-            generator: torch.Generator | None = None) -> Rollout:
+            generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Rollout:
     """Sample G = ``group_size`` latents per prompt from ``noise`` [P, ...] (one initial noise per prompt)
     along ``sigmas`` [S + 1] (decreasing), with one SDE step per prompt at an index drawn uniformly from
-    ``sde_window = (start, stop)`` (``start <= i < stop``; ``sigmas[start] < 1``) by ``generator``, which also
-    draws the SDE noise.
+    ``sde_window = (start, stop)`` (``start <= i < stop``; ``sigmas[start] < 1``). ``generator``: one
+    generator, or one per prompt (``prompt_generator``); prompt ``p`` draws its critical step and then its G
+    SDE noises from its own (or the shared one, prompt after prompt).
     """
     S = sigmas.numel() - 1
     start, stop = sde_window
@@ -65,9 +79,17 @@ def rollout(v_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, group_s
         raise ValueError(f"rollout: group_size must be >= 1, got {group_size}")
     P, G = noise.shape[0], group_size
     device = noise.device
+    gens = list(generator) if isinstance(generator, Sequence) else [generator] * P
+    if len(gens) != P:
+        raise ValueError(f"rollout: {len(gens)} generators for {P} prompts (one per prompt, or one for all)")
+    crit_p, sde_noise = [], []
+    for g in gens:  # prompt by prompt: its draws depend on its generator only
+        gen_device = g.device if g is not None else None
+        crit_p.append(torch.randint(start, stop, (1,), generator=g, device=gen_device).to(device))
+        sde_noise.append(torch.randn((G, *noise.shape[1:]), generator=g, device=gen_device).to(device))
+    crit = torch.cat(crit_p).repeat_interleave(G)
+    sde_noise = torch.cat(sde_noise)  # [N, ...], prompt-major like the rows
     group = torch.arange(P, device=device).repeat_interleave(G)
-    gen_device = generator.device if generator is not None else None
-    crit = torch.randint(start, stop, (P,), generator=generator, device=gen_device).to(device).repeat_interleave(G)
     x = noise.float().repeat_interleave(G, dim=0)
     sig = sigmas.to(device=device, dtype=torch.float32)
     shape = (-1,) + (1,) * (x.dim() - 1)
@@ -78,8 +100,7 @@ def rollout(v_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, group_s
         x_ode = x - (s_next - s) * v
         here = crit == i
         if bool(here.any()):
-            n = torch.randn(x.shape, generator=generator, device=gen_device).to(device)
-            x_sde, mean, std, lp = sde_step(x, v, s, s_next, eta, noise=n, std_max=std_max)
+            x_sde, mean, std, lp = sde_step(x, v, s, s_next, eta, noise=sde_noise, std_max=std_max)
             saved[i] = (x.clone(), x_sde, mean, std, lp)
             x = torch.where(here.view(shape), x_sde, x_ode)
         else:

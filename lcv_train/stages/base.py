@@ -21,6 +21,7 @@ import abc
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,6 +74,7 @@ class StepContext:
     next_batch: Callable[[], StageBatch]  # the next micro-batch, encoded (counts data wait and tokens)
     optimizer_step: Callable[[torch.Tensor], dict]  # loss (this rank's mean, on device) -> step metrics
     phase: Callable[[str], None]  # tell the watchdog which phase runs ("forward", "backward", ...)
+    run_dir: Path | None = None  # the run's folder (a stage's own files, e.g. videos to log)
 
 
 class Stage(abc.ABC):
@@ -112,6 +114,10 @@ class Stage(abc.ABC):
         from lcv_train.model.dit import initial_parameter
 
         return initial_parameter(name, shape, seed, device, dtype)
+
+    def model_ready(self, model: torch.nn.Module) -> None:
+        """Called once per start with the parallelised model holding its starting weights (``init_from`` or the
+        seed's), before a checkpoint is loaded over them (a stage that keeps them, e.g. as a reference)."""
 
     @abc.abstractmethod
     def step(self, ctx: StepContext) -> dict:

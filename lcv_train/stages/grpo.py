@@ -3,21 +3,26 @@
 One trainer step is one optimizer update. Every ``updates_per_rollout`` steps the stage makes a new rollout
 batch on each data-parallel rank (its groups stay whole on that rank):
 
-1. prompts: ``prompts_per_step`` lines of the ``prompts`` file (drawn from a generator seeded by the run
-   seed, the step and the data-parallel rank, so a resume draws the same ones without saved state), or the
-   captions of the next data batch (``prompts: null``);
+1. prompts: ``prompts_per_step`` lines of the ``prompts`` file, or the captions of the next data batch
+   (``prompts: null``);
 2. ``lcv_train.rl.rollout``: G samples per prompt from one initial noise, Euler ODE steps with CFG, one
-   critical SDE step per prompt drawn from ``sde_window``;
+   critical SDE step per prompt drawn from ``sde_window``. Prompt k of the job's batch draws its line of the
+   file, its noise, its critical step and its SDE noise from ``prompt_generator(seed, rollout index, k)``:
+   the job's rollouts are the same however ranks split them, and a resume draws them again without state;
 3. decode with the trainer's codec, score with every reward (``lcv_train.rewards``), gather the rewards
    of all data-parallel ranks and take ``group_advantages`` over the global batch (so the largest group
-   std is the whole job's), keeping this rank's rows.
+   std is the whole job's), keeping this rank's rows; every ``video_every`` rollouts rank 0 logs a few of
+   its videos (``LoggedVideo``).
 
 Each update recomputes the critical step's velocity under the current policy, its log-probability of the
-stored sample, the reference mean (the LoRA switched off, or the weights at the stage's first step for a
-full fine-tune), and steps on ``lcv_train.rl.grpo_loss``. The first update of a rollout is on-policy
-(ratio 1). The formulas live in ``lcv_train.rl``; this module only plumbs the model into them.
+stored sample, the reference mean (the LoRA switched off, or for a full fine-tune the starting weights,
+kept by ``model_ready`` before a checkpoint is loaded over them), and steps on ``lcv_train.rl.grpo_loss``.
+The first update of a rollout is on-policy (ratio 1). Its figures are the job's: each rank's ``stats`` are
+gathered in one collective (``job_figures``). The formulas live in ``lcv_train.rl``; this module only
+plumbs the model into them.
 
-State saved with checkpoints: per-reward running statistics (count, mean, M2 over every scored video).
+State saved with checkpoints: per-reward running statistics (count, mean, M2 over every scored video); for
+a full fine-tune the fingerprint of the reference's source (``trainer.init_from``), checked at resume.
 The kept rollout batch is not saved: a run resumed in the middle of a rollout's updates makes a new
 rollout (resume is exact when ``trainer.checkpoint_every`` is a multiple of ``updates_per_rollout``).
 """
@@ -33,7 +38,7 @@ import torch.distributed as dist
 
 from lcv_train.diffusion import null_text
 from lcv_train.errors import ConfigError, require
-from lcv_train.rl import Rollout, group_advantages, grpo_loss, rollout, sde_step
+from lcv_train.rl import Rollout, group_advantages, grpo_loss, grpo_metrics, prompt_generator, rollout, sde_step
 from lcv_train.sampling import guided_velocity, sigma_schedule
 from lcv_train.stages.base import Stage, StageConfig, StepContext, register_stage
 
@@ -63,12 +68,16 @@ class GRPOConfig(StageConfig):
     height: int = 32
     width: int = 32
     fps: float = 8.0
+    video_every: int = 10  # log rollout videos every k rollout batches (the first one too; 0: never)
+    video_count: int = 4  # how many: rank 0's first rows (its first prompt's group first)
 
     def validate(self) -> "GRPOConfig":
         super().validate()
         p = "stage"
         require(self.update_batch >= 0, f"{p}.update_batch", f"must be >= 0 (0 = the whole rollout batch), got "
                 f"{self.update_batch}")
+        require(self.video_every >= 0, f"{p}.video_every", f"must be >= 0 (0 = never), got {self.video_every}")
+        require(self.video_count >= 1, f"{p}.video_count", f"must be >= 1, got {self.video_count}")
         for key in ("prompts_per_step", "group_size", "steps", "updates_per_rollout", "frames", "height", "width"):
             require(getattr(self, key) >= 1, f"{p}.{key}", f"must be >= 1, got {getattr(self, key)}")
         require(self.group_size >= 2, f"{p}.group_size", f"must be >= 2 (advantages are relative to the group), "
@@ -122,14 +131,52 @@ class GRPOStage(Stage):
         # Per reward: count, mean, M2 (Welford) over every video scored so far, the same on every rank.
         self.running = torch.zeros(len(cfg.rewards), 3, dtype=torch.float64)
         self.current: dict | None = None  # the kept rollout batch: rollout, advantages, text, updates done
-        self.reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # full fine-tune: initial weights
+        self.reference: list[torch.Tensor] | None = None  # full fine-tune with a KL: the starting weights
+        # ... and the fingerprint of where they came from (sha256 as 32 uint8), saved with checkpoints.
+        self.reference_source = torch.zeros(32, dtype=torch.uint8)
+        self.reference_from = ""  # what that is, in words
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"running": self.running.clone()}
+        sd = {"running": self.running.clone()}
+        if self.lora is None:
+            sd["reference_source"] = self.reference_source.clone()
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         self.running.copy_(sd["running"])
+        changed = self.lora is None and not torch.equal(sd["reference_source"], self.reference_source)
+        if changed and self.cfg.kl_beta > 0:
+            from lcv_train.errors import CheckpointError
+
+            raise CheckpointError(f"stage grpo: this full fine-tune's KL reference is its starting weights, read again "
+                                  f"at every start from {self.reference_from}, but the checkpoint's run started from "
+                                  f"other weights (fingerprint differs); resume with the trainer.init_from (and "
+                                  f"trainer.init_weights) the run started from, unchanged")
+        if changed:  # no KL now: the run's own origin stays recorded for a later resume that has one
+            self.reference_source = sd["reference_source"].clone()
+
+    def model_ready(self, model: torch.nn.Module) -> None:
+        """A full fine-tune with a KL keeps the starting weights as its reference. They are read here, before a
+        checkpoint is loaded over them, so a resumed run has the same reference; ``trainer.init_from`` is read
+        again at every start, and its fingerprint (``source_fingerprint``) in the stage state says whether it
+        is still what the run started from."""
+        if self.lora is not None:
+            return
+        t = self.train_cfg.trainer
+        if t.init_from:
+            from lcv_train.checkpoints.source import source_fingerprint
+
+            digest = source_fingerprint(t.init_from, t.init_weights)
+            self.reference_from = f"trainer.init_from={t.init_from}"
+        else:
+            import hashlib
+
+            digest = hashlib.sha256(f"seed {self.seed}".encode()).hexdigest()
+            self.reference_from = f"the weights of run.seed={self.seed} (no trainer.init_from)"
+        self.reference_source = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
+        if self.cfg.kl_beta > 0:
+            self.reference = [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
     # -- the policy --------------------------------------------------------------------------------
     def velocity_fn(self, ctx: StepContext, text, mask):
@@ -162,7 +209,7 @@ class GRPOStage(Stage):
             return
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         if self.reference is None:
-            raise RuntimeError("grpo: the reference weights were not taken")
+            raise RuntimeError("grpo: the reference weights were not taken (the trainer calls stage.model_ready)")
         saved = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, ref in zip(params, self.reference):
@@ -175,11 +222,13 @@ class GRPOStage(Stage):
                     p.copy_(s)
 
     # -- rollouts ----------------------------------------------------------------------------------
-    def prompts_for(self, ctx: StepContext) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        P = self.cfg.prompts_per_step
+    def prompts_for(self, ctx: StepContext, gens: list[torch.Generator]) -> tuple[list[str], torch.Tensor,
+                                                                                 torch.Tensor]:
+        """This rank's prompts, one per generator of ``gens`` (a line of the prompts file drawn from it), or the
+        captions of the next data batch."""
+        P = len(gens)
         if self.prompt_list is not None:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + ctx.step) * 1009 + ctx.dims.dp_rank)
-            idx = torch.randint(len(self.prompt_list), (P,), generator=g).tolist()
+            idx = [int(torch.randint(len(self.prompt_list), (1,), generator=g)) for g in gens]
             prompts = [self.prompt_list[i] for i in idx]
             text, mask = ctx.text_encoder.encode(prompts)
             return prompts, text.float().to(ctx.device), mask.to(ctx.device, torch.bool)
@@ -194,16 +243,21 @@ class GRPOStage(Stage):
     def make_rollout(self, ctx: StepContext) -> dict:
         c = self.cfg
         ctx.phase("forward")
-        prompts, text, mask = self.prompts_for(ctx)
-        P, G = len(prompts), c.group_size
+        P, G = c.prompts_per_step, c.group_size
+        # Prompt k of the job's batch (this rank holds k = dp_rank * P + j) draws its line of the prompts file,
+        # its initial noise, its critical step and its G SDE noises from its own generator: a function of the
+        # run seed, the rollout batch and k, so the job's rollouts do not depend on how ranks split them.
+        batch_index = (ctx.step - 1) // c.updates_per_rollout
+        gens = [prompt_generator(self.seed, batch_index, ctx.dims.dp_rank * P + j) for j in range(P)]
+        prompts, text, mask = self.prompts_for(ctx, gens)
         text_g, mask_g = text.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
         shape = ctx.codec.latent_shape(c.frames, c.height, c.width)
-        noise = torch.randn((P, *shape), generator=ctx.generator, device=ctx.device)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(ctx.device)
         sigmas = sigma_schedule(c.steps, c.shift, ctx.device)
         was_training = ctx.model.training
         ctx.model.eval()
         ro = rollout(self.velocity_fn(ctx, text_g, mask_g), noise, sigmas, G, tuple(c.sde_window), c.eta, c.std_max,
-                     generator=ctx.generator)
+                     generator=gens)
         ctx.model.train(was_training)
         videos = ctx.codec.decode(ro.final.float())  # [P*G, 3, F, H, W] in [-1, 1]
         prompts_g = [p for p in prompts for _ in range(G)]
@@ -217,25 +271,36 @@ class GRPOStage(Stage):
         rewards = torch.stack(scores, dim=-1).view(P, G, len(self.scorers))  # [P, G, R]
         # The critical step rides along as one more column, so the histogram is the job's too.
         crit = ro.step.view(P, G, 1).cpu().float()
-        gathered = self._gather_dp(torch.cat([rewards, crit], dim=-1), ctx)  # [dp * P, G, R + 1], rank-major
+        gathered = gather_dp(torch.cat([rewards, crit], dim=-1), ctx)  # [dp * P, G, R + 1], rank-major
         all_rewards, all_crit = gathered[..., :-1], gathered[:, 0, -1].long()
         adv_all = group_advantages(all_rewards, c.reward_weights)
         rank = ctx.dims.dp_rank if all_rewards.shape[0] > P else 0
         adv = adv_all[rank * P:(rank + 1) * P].reshape(P * G)
         metrics = self._reward_metrics(all_rewards, adv_all, all_crit)
+        if c.video_every and batch_index % c.video_every == 0 and ctx.dims.rank == 0 and ctx.run_dir is not None:
+            metrics.update(self.rollout_videos(ctx, videos, prompts_g, rewards.view(P * G, -1), adv))
         return {"rollout": ro, "advantages": adv.to(ctx.device), "text": text_g, "mask": mask_g, "updates": 0,
                 "metrics": metrics}
 
-    def _gather_dp(self, rewards: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        dims = ctx.dims
-        if not dist.is_initialized() or dims.dp_size == 1:
-            return rewards
-        group = dims.group("dp")
-        backend_device = ctx.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        local = rewards.to(backend_device, torch.float64)
-        out = [torch.empty_like(local) for _ in range(dims.dp_size)]
-        dist.all_gather(out, local, group=group)
-        return torch.cat(out).float().cpu()
+    def rollout_videos(self, ctx: StepContext, videos: torch.Tensor, prompts: list[str], rewards: torch.Tensor,
+                       adv: torch.Tensor) -> dict:
+        """The first ``video_count`` rows of this rank's rollout (``videos`` [N, 3, F, H, W] in [-1, 1], their
+        prompts, ``rewards`` [N, R], advantages [N]) as mp4 files under ``grpo_videos/step_N/`` of the run, returned
+        as ``grpo/video/<i>`` entries (``LoggedVideo``: the metrics logger sends them to W&B with their caption)."""
+        from data_loaders.decode import encode_mp4
+        from lcv_train.eval.evaluator import to_uint8_frames
+        from lcv_train.training.metrics import LoggedVideo
+
+        c = self.cfg
+        folder = Path(ctx.run_dir) / "grpo_videos" / f"step_{ctx.step:07d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        out = {}
+        for i in range(min(c.video_count, videos.shape[0])):
+            path = folder / f"{i:03d}.mp4"
+            path.write_bytes(encode_mp4(to_uint8_frames(videos[i].float().cpu()), fps=c.fps))
+            scores = ", ".join(f"{name} {float(rewards[i, r]):.4g}" for r, name in enumerate(c.rewards))
+            out[f"grpo/video/{i:03d}"] = LoggedVideo(path, f"{prompts[i]} | {scores} | advantage {float(adv[i]):+.3f}")
+        return out
 
     def _reward_metrics(self, rewards: torch.Tensor, adv: torch.Tensor, crit: torch.Tensor) -> dict:
         """The job's reward figures: ``rewards`` [P_all, G, R], ``adv`` [P_all, G], ``crit`` [P_all]."""
@@ -268,8 +333,6 @@ class GRPOStage(Stage):
     # -- the update ------------------------------------------------------------------------------
     def step(self, ctx: StepContext) -> dict:
         c = self.cfg
-        if self.lora is None and c.kl_beta > 0 and self.reference is None:
-            self.reference = [p.detach().clone() for p in ctx.model.parameters() if p.requires_grad]
         if self.current is None or self.current["updates"] >= c.updates_per_rollout:
             self.current = self.make_rollout(ctx)
         cur = self.current
@@ -306,14 +369,35 @@ class GRPOStage(Stage):
                             mean_ref=torch.cat(mean_refs) if mean_refs else None, std=torch.cat(stds))
         cur["updates"] += 1
         metrics = ctx.optimizer_step(out.loss.detach())
-        metrics.update({f"grpo/{k}": v for k, v in out.metrics.items()})
+        figures = job_figures(out.stats, ctx)
+        metrics.update({f"grpo/{k}": v for k, v in figures.items()})
         metrics["grpo/update_in_rollout"] = cur["updates"]
         if cur["updates"] == 1:
             metrics.update(cur["metrics"])  # the rollout's figures, logged once
             # On-policy, the recomputed log-prob equals the rollout's up to numerics (batch composition,
             # bf16): a drift near clip_range would clip the first update.
-            metrics["grpo/rollout_log_prob_drift"] = float((log_prob.detach() - ro.log_prob).abs().max())
+            metrics["grpo/rollout_log_prob_drift"] = figures["log_ratio_abs_max"]
         return metrics
+
+
+def job_figures(stats: torch.Tensor, ctx: StepContext) -> dict[str, float]:
+    """The loss figures (``grpo_metrics``) of the whole job's samples from each data-parallel rank's ``stats``
+    (``GRPOLossOutput.stats``): one all-gather of a small vector per step, not a collective per figure."""
+    return grpo_metrics(gather_dp(stats[None], ctx))
+
+
+def gather_dp(t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """``t`` [n, ...] of every data-parallel rank, concatenated rank-major on the CPU in ``t``'s dtype (one
+    all-gather over the ``dp`` group; ``t`` itself without one). The ranks of one replica (cp, tp) hold the same."""
+    dims = ctx.dims
+    if not dist.is_initialized() or dims.dp_size == 1:
+        return t.cpu()
+    group = dims.group("dp")
+    backend_device = ctx.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    local = t.to(backend_device, torch.float64)
+    out = [torch.empty_like(local) for _ in range(dims.dp_size)]
+    dist.all_gather(out, local, group=group)
+    return torch.cat(out).to(t.dtype).cpu()
 
 
 def _rows(ro: Rollout, lo: int, hi: int) -> Rollout:

@@ -1,6 +1,7 @@
 """Run logging: one log file per rank, a progress bar on rank 0, Weights & Biases on rank 0.
 
 W&B runs offline when no ``WANDB_API_KEY`` is set (``logger.mode=auto``); ``logger=none`` disables it.
+A metric may be a ``LoggedVideo`` (an mp4 file and its caption): W&B gets the video, ``metrics.jsonl`` its path.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("lcv_train")
@@ -69,9 +71,28 @@ class _AboveTheBar(logging.Handler):
             self.handleError(record)
 
 
+@dataclass(frozen=True)
+class LoggedVideo:
+    """A video among a step's metrics (evaluation samples, GRPO rollouts): the one way a video reaches W&B."""
+
+    path: Path  # an mp4 file, written before it is logged
+    caption: str
+
+    def to_json(self, run_dir: Path) -> dict:
+        path = Path(self.path)
+        return {"video": str(path.relative_to(run_dir) if path.is_relative_to(run_dir) else path),
+                "caption": self.caption}
+
+    def to_wandb(self):
+        import wandb
+
+        return wandb.Video(str(self.path), caption=self.caption, format="mp4")
+
+
 class MetricsLogger:
     def __init__(self, cfg, run_dir: Path, rank: int, total_steps: int, start_step: int, config_dict: dict):
         self.rank = rank
+        self.run_dir = Path(run_dir)
         self.wandb = None
         self.bar = None
         if rank != 0:
@@ -106,7 +127,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float], advance: int = 1) -> None:
         if self.rank != 0:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        row = {k: v.to_json(self.run_dir) if isinstance(v, LoggedVideo) else v for k, v in metrics.items()}
+        self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
         self.jsonl.flush()
         if self.bar is not None:  # the postfix first: the refresh in update() shows this step's loss
             self.bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}",
@@ -114,7 +136,8 @@ class MetricsLogger:
                                  tok_s=f"{metrics.get('perf/tokens_per_s', 0):.0f}", refresh=False)
             self.bar.update(advance)
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({k: v.to_wandb() if isinstance(v, LoggedVideo) else v for k, v in metrics.items()},
+                           step=step)
 
     def write(self, msg: str) -> None:
         if self.rank == 0:

@@ -140,6 +140,7 @@ class Trainer:
 
         self.stage = build_stage(cfg.stage, cfg)
         self.model = self._build_model()
+        self.stage.model_ready(self.model)  # its starting weights, before a checkpoint is loaded over them
         o = cfg.optim
         self.engine = build_engine(self.model, {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
                                                 "eps": o.eps}, self.dims, cfg.parallel, grad_clip=o.grad_clip,
@@ -312,7 +313,8 @@ class Trainer:
         ctx = StepContext(step=step, model=self.model, core_model=self._core_model(), engine=self.engine,
                           dims=self.dims, device=self.device, codec=self.codec, text_encoder=self.text_encoder,
                           generator=self.noise_gen, grad_accum=self.cfg.trainer.grad_accum, next_batch=next_batch,
-                          optimizer_step=optimizer_step, phase=lambda name: self.watchdog.enter(name, step))
+                          optimizer_step=optimizer_step, phase=lambda name: self.watchdog.enter(name, step),
+                          run_dir=self.run_dir)
         metrics = self.stage.step(ctx)
         if self.progress.step != step:
             raise RuntimeError(f"stage {self.stage.name}: its step must call ctx.optimizer_step exactly once "
@@ -411,7 +413,7 @@ class Trainer:
                              m["perf/tokens_per_s"])
                 if self.evaluator is not None and cfg.eval.due(step, total):  # into this step's metrics row
                     self.watchdog.enter("sample", step)
-                    m.update(self.evaluator.run(step, metrics_logger))
+                    m.update(self.evaluator.run(step))
                 metrics_logger.log(step, m)
                 self.watchdog.enter("sync", step)
                 stop = self._should_stop()

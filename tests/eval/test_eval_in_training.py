@@ -26,6 +26,7 @@ def test_eval_every_and_at_end_logs_curve_scores_and_videos(tmp_path):
         assert 0.0 <= r["eval/compliance"] <= 1.0
         folder = run / "eval" / f"step_{step:07d}"
         assert sorted(f.name for f in folder.iterdir()) == ["000.mp4", "001.mp4", "002.mp4", "prompts.txt"]
+        assert r["eval/video/001"]["video"] == f"eval/step_{step:07d}/001.mp4"  # a LoggedVideo, W&B's too
         assert (run / "eval" / f"step_{step:07d}.png").stat().st_size > 0
     assert not any(k.startswith("eval/") for k in rows[1]) and not any(k.startswith("eval/") for k in rows[3])
     assert rows[2]["eval/val_loss"] != rows[4]["eval/val_loss"]  # the weights moved between evaluations

@@ -4,7 +4,7 @@ published-sign velocity E[x0 - eps | x_sigma] is known."""
 import pytest
 import torch
 
-from lcv_train.rl import rollout, sde_step
+from lcv_train.rl import prompt_generator, rollout, sde_step
 from lcv_train.sampling.sampler import sigma_schedule
 
 MU, S0 = 0.7, 0.5      # data x0 ~ N(MU, S0^2) per element
@@ -77,3 +77,23 @@ def test_truncated_std_and_window_checks():
         rollout(gaussian_velocity, noise, sigmas, 2, (0, 3))
     with pytest.raises(ValueError, match="sde_window"):
         rollout(gaussian_velocity, noise, sigmas, 2, (3, 12))
+
+
+def test_a_prompts_rollout_depends_on_its_own_generator_only():
+    """With a generator per prompt (``prompt_generator(seed, batch, global prompt index)``), prompt k's critical
+    step, SDE noise and samples are the same in a batch of 3 prompts and alone: what makes a data-parallel
+    rank's rollouts those of one process holding every prompt. Catches draws shared across prompts (one
+    generator for the batch), whose stream shifts with the prompts before k."""
+    sigmas = sigma_schedule(8, 3.0)
+    noise = torch.stack([torch.randn(2, 4, 4, generator=prompt_generator(5, 2, k)) for k in range(3)])
+    gens = [prompt_generator(5, 2, k) for k in range(3)]
+    for g in gens:  # the initial noise came first from each generator, as the stage draws it
+        torch.randn(2, 4, 4, generator=g)
+    every = rollout(gaussian_velocity, noise, sigmas, 4, (1, 6), 1.0, 0.45, generator=gens)
+    g2 = prompt_generator(5, 2, 2)
+    alone = rollout(gaussian_velocity, torch.randn(1, 2, 4, 4, generator=g2), sigmas, 4, (1, 6), 1.0, 0.45,
+                    generator=[g2])
+    for name in ("final", "x_next", "log_prob", "step"):
+        assert torch.equal(getattr(alone, name), getattr(every, name)[8:12]), name
+    other = rollout(gaussian_velocity, noise[2:], sigmas, 4, (1, 6), 1.0, 0.45, generator=[prompt_generator(5, 3, 2)])
+    assert not torch.equal(other.final, alone.final)  # another rollout batch draws other noise
