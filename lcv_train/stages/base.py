@@ -121,7 +121,8 @@ class Stage(abc.ABC):
 
     @abc.abstractmethod
     def step(self, ctx: StepContext) -> dict:
-        """One training step; returns the metrics to log (floats or ints; every key is logged)."""
+        """One training step; returns the metrics to log (floats, ints, or ``LoggedVideo`` from
+        ``lcv_train.training.metrics``; every key is logged)."""
 
     def state_dict(self) -> dict:
         return {}
