@@ -100,7 +100,7 @@ def test_full_fine_tune_keeps_the_initial_weights_as_reference_across_resume(tmp
     """``lora.rank=0``: every parameter may train, and the KL is to the starting weights (``trainer.init_from``).
     4 updates (2 per rollout) in one run equal 2, a checkpoint, then 2 in a new trainer: the resumed run's
     reference is the original weights read again from ``init_from`` (not the resumed ones: the KL of step 3
-    would be 0), and a resume whose ``init_from`` holds other weights stops with one line. Catches a reference
+    would be 0), and a resume whose ``init_from`` holds other weights, or is gone, stops with one line. Catches a reference
     that follows the policy (KL stays 0), a policy left holding the reference's weights after the KL pass (the
     second update's ratio back at 1), a reference taken after the checkpoint is loaded."""
     from lcv_train.errors import CheckpointError
@@ -130,6 +130,10 @@ def test_full_fine_tune_keeps_the_initial_weights_as_reference_across_resume(tmp
                                               r"differs\); resume with the trainer.init_from"):
         Trainer(_config(tmp_path, "trainer.max_steps=6", "run.name=split", f"trainer.init_from={tmp_path / 'other'}",
                         *common))
+    with pytest.raises((FileNotFoundError, ConfigError)) as missing:  # the reference's source is gone
+        Trainer(_config(tmp_path, "trainer.max_steps=6", "run.name=split", f"trainer.init_from={tmp_path / 'gone'}",
+                        *common))
+    assert str(tmp_path / "gone") in str(missing.value) and "\n" not in str(missing.value)
 
 
 def test_grpo_raises_a_closed_form_reward_with_bounded_kl(tmp_path):
