@@ -193,3 +193,30 @@ def test_timestep_reweighting_removes_step_size_dependence():
         norms.append(w * float(vv.grad.abs().mean()))
     np.testing.assert_allclose(norms, norms[0], rtol=1e-5)
     assert norms[0] == pytest.approx((1 + 0.25 / 2) / 0.5 / 64, rel=1e-5)
+
+
+def test_grpo_metrics_of_parts_are_those_of_the_whole_batch():
+    """Rows of ``stats`` from parts of a batch (ranks, chunks of 5 and 3 samples) combine into the figures of
+    the whole batch: means weighted by the sample count, the advantage std of all samples, min/max of all.
+    Catches a mean of per-part means (parts of unequal size) or a mean of per-part stds."""
+    from lcv_train.rl import grpo_metrics
+
+    g = torch.Generator().manual_seed(0)
+    B = 8
+    old = torch.randn(B, generator=g)
+    new = old + 0.3 * torch.randn(B, generator=g)
+    adv = torch.randn(B, generator=g) * torch.linspace(0.5, 3.0, B)
+    mean, mean_ref = torch.randn(B, 6, generator=g), torch.randn(B, 6, generator=g)
+    sigma, sigma_next = torch.linspace(0.3, 0.8, B), torch.linspace(0.2, 0.7, B)
+
+    def part(lo, hi):
+        return grpo_loss(new[lo:hi], old[lo:hi], adv[lo:hi], sigma[lo:hi], sigma_next[lo:hi], clip_range=0.2,
+                         kl_beta=0.1, mean=mean[lo:hi], mean_ref=mean_ref[lo:hi], std=torch.full((hi - lo, 1), 0.5))
+
+    whole = part(0, B).metrics
+    combined = grpo_metrics(torch.stack([part(0, 5).stats, part(5, B).stats]))
+    assert set(combined) == set(whole)
+    for k, v in whole.items():
+        assert combined[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    assert whole["advantage_std"] == pytest.approx(float(adv.double().std(correction=0)), rel=1e-6)
+    assert 0 < whole["clip_fraction"] < 1
