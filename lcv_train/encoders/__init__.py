@@ -60,7 +60,8 @@ class WanVAEOptions:
 class TinyUMT5Options:
     kind: str = "tiny_umt5"
     dim: int = 32
-    max_length: int = 96  # as conf/text_encoder/tiny_umt5.yaml: the synthetic captions are never cut
+    max_length: int = 32  # as conf/text_encoder/tiny_umt5.yaml: the synthetic captions (<= 16 words) are never cut
+    tokenizer: str = "words"  # words | bytes (lcv_train/encoders/standins.py)
     num_layers: int = 2
     num_heads: int = 4
     seed: int = 0
@@ -138,7 +139,11 @@ def build_text_encoder(cfg: Any, prefix: str = "text_encoder") -> TextEncoder:
         seed = o.seed
         if seed < 0:
             raise ConfigError(f"{prefix}.seed={seed!r}: must be a non-negative integer")
-        return TinyUMT5TextEncoder(dim=dim, max_length=max_length,
+        from lcv_train.encoders.standins import TOKENIZERS
+
+        if o.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"{prefix}.tokenizer={o.tokenizer!r}: unknown; choose one of {', '.join(TOKENIZERS)}")
+        return TinyUMT5TextEncoder(dim=dim, max_length=max_length, tokenizer=o.tokenizer,
                                    num_layers=positive_int(o.num_layers, f"{prefix}.num_layers"),
                                    num_heads=heads, seed=seed, dtype=dtype, device=device)
     path = need_path(o.path, f"{prefix}.path", f"{o.subfolder or '.'}/config.json")

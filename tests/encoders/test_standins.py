@@ -60,15 +60,37 @@ CAPTIONS = ["a cat", "héllo wörld " * 10, ""]
 
 def test_tiny_umt5_shapes_and_mask():
     text = build_text_encoder({"kind": "tiny_umt5"})
-    assert text.dim == 32 and text.max_length == 96  # the defaults of conf/text_encoder/tiny_umt5.yaml
-    emb, mask = text.encode(CAPTIONS)
-    assert emb.shape == (3, 96, 32) and emb.dtype == torch.float32 and mask.dtype == torch.bool
-    # bytes + EOS, truncated to max_length; masks are prefixes
-    assert mask.sum(1).tolist() == [len(b"a cat") + 1, 96, 1]  # the second is 141 bytes + EOS: cut
-    assert torch.equal(mask, torch.arange(96)[None] < mask.sum(1, keepdim=True))
+    assert text.dim == 32 and text.max_length == 32  # the defaults of conf/text_encoder/tiny_umt5.yaml
+    emb, mask = text.encode(CAPTIONS + ["w " * 40])
+    assert emb.shape == (4, 32, 32) and emb.dtype == torch.float32 and mask.dtype == torch.bool
+    # one token per word + EOS, truncated to max_length; masks are prefixes
+    assert mask.sum(1).tolist() == [3, 21, 1, 32]  # "héllo wörld " * 10 is 20 words; 40 words are cut
+    assert torch.equal(mask, torch.arange(32)[None] < mask.sum(1, keepdim=True))
     assert torch.count_nonzero(emb[~mask]) == 0
     assert (emb[mask].abs().sum(-1) > 0).all()
     assert 0.3 < emb[mask].std().item() < 3.0
+
+
+def test_tiny_umt5_byte_tokenizer():
+    text = build_text_encoder({"kind": "tiny_umt5", "tokenizer": "bytes", "max_length": 96})
+    emb, mask = text.encode(CAPTIONS)
+    assert emb.shape == (3, 96, 32)
+    assert mask.sum(1).tolist() == [len(b"a cat") + 1, 96, 1]  # bytes + EOS; the second (141 bytes) is cut
+
+
+def test_word_tokenizer_gives_each_synthetic_word_its_own_id():
+    """The demo's captions must stay readable: a hash collision between two of the synthetic world's words
+    (say "red" and "left") would make two captions the same text for the DiT."""
+    from data_loaders.synthetic import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
+    from lcv_train.encoders.standins import WordTokenizer
+
+    words = {w for phrase in [*COLOURS, *SHAPES, *MOTIONS, *BACKGROUNDS, "a moves on gradient background"]
+             for w in phrase.split()}
+    tok = WordTokenizer()
+    ids = {w: tok.ids(w) for w in words}
+    assert all(len(v) == 1 for v in ids.values())
+    assert len({v[0] for v in ids.values()}) == len(words) == 25
+    assert tok.ids("A Red, circle!") == tok.ids("a red circle")  # case and punctuation do not matter
 
 
 def test_tiny_umt5_padding_does_not_change_real_tokens():
@@ -139,6 +161,7 @@ def test_codec_config_errors(cfg, match):
     ({"kind": "tiny_umt5", "dim": 30, "num_heads": 4}, r"text_encoder\.dim=30"),
     ({"kind": "tiny_umt5", "max_length": 0}, r"text_encoder\.max_length"),
     ({"kind": "tiny_umt5", "seed": -1}, r"text_encoder\.seed"),
+    ({"kind": "tiny_umt5", "tokenizer": "chars"}, r"text_encoder\.tokenizer='chars'.*bytes, words"),
     ({"kind": "umt5_xxl", "path": "???"}, r"text_encoder\.path is not set"),
 ])
 def test_text_config_errors(cfg, match):
@@ -150,7 +173,7 @@ def test_yaml_configs_build():
     codec = build_video_codec(OmegaConf.load(CONF / "vae" / "pixel.yaml"))
     assert codec.latent_channels == 16
     text = build_text_encoder(OmegaConf.load(CONF / "text_encoder" / "tiny_umt5.yaml"))
-    assert text.dim == 32 and text.max_length == 96
+    assert text.dim == 32 and text.max_length == 32
     for group, name in (("vae", "wan2.1"), ("text_encoder", "umt5_xxl")):
         cfg = OmegaConf.load(CONF / group / f"{name}.yaml")
         assert OmegaConf.is_missing(cfg, "path")
