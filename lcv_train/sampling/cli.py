@@ -21,11 +21,15 @@ import dataclasses
 import os
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+
+from conf.parsing import from_mapping
 
 from lcv_train.errors import CheckpointError, ConfigError, require
 
@@ -98,27 +102,22 @@ class SampleRequest:
         return self
 
 
-def _convert(name: str, raw: str, typ: Any) -> Any:
-    text = str(typ)
-    if raw.lower() in ("null", "none") and "None" in text:
-        return None
+def _value(raw: str, typ: Any) -> Any:
+    """A command-line string as the value ``conf.parsing.from_mapping`` checks: text stays text for a string
+    key (``prompt=1`` is the prompt "1"; ``null`` is None where the key allows it), anything else is read as a
+    YAML scalar (``steps=8``, ``guidance=4.5``, ``long=true``), so the one parser reports a wrong type."""
+    args = typing.get_args(typ)
+    if typ is str or str in args:
+        return None if raw.lower() in ("null", "none") and type(None) in args else raw
     try:
-        if "bool" in text:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return raw.lower() in ("true", "1", "yes")
-        if "int" in text:
-            return int(raw)
-        if "float" in text:
-            return float(raw)
-    except ValueError:
-        kind = "true or false" if "bool" in text else ("an integer" if "int" in text else "a number")
-        raise ConfigError(f"{name}={raw!r}: must be {kind}") from None
-    return raw
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def parse_args(argv: list[str]) -> SampleRequest:
-    fields = {f.name: f.type for f in dataclasses.fields(SampleRequest)}
+    hints = typing.get_type_hints(SampleRequest)
+    fields = [f.name for f in dataclasses.fields(SampleRequest)]
     values: dict[str, Any] = {}
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -128,10 +127,10 @@ def parse_args(argv: list[str]) -> SampleRequest:
         key, sep, raw = arg.partition("=")
         if not sep:
             raise ConfigError(f"{arg!r}: arguments are key=value (keys: {', '.join(fields)})")
-        if key not in fields:
+        if key not in hints:
             raise ConfigError(f"{key}: unknown key; known keys: {', '.join(fields)}")
-        values[key] = _convert(key, raw, fields[key])
-    return SampleRequest(**values).validate()
+        values[key] = _value(raw, hints[key])
+    return from_mapping(SampleRequest, values).validate()
 
 
 def read_prompts(req: SampleRequest) -> list[str]:

@@ -115,7 +115,7 @@ def test_two_gloo_ranks_data_parallel_over_prompts_and_context_parallel(run_dir,
 @pytest.mark.parametrize("args,message", [
     (["prompt=x"], "ckpt: is required"),
     (["ckpt=/nope", "prompt=x"], "ckpt=/nope: no such file"),
-    (["ckpt=.", "prompt=x", "steps=many"], "steps='many': must be an integer"),
+    (["ckpt=.", "prompt=x", "steps=many"], "steps: expected an integer, got 'many'"),
     (["ckpt=.", "prompt=x", "colour=red"], "colour: unknown key"),
     (["ckpt=.", "prompt=x", "task=i2v"], "image: task=i2v needs image=<file>"),
     (["ckpt=.", "prompt=x", "distill=true"], "lora: distill=true needs lora="),
