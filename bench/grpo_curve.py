@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from lcv_train.rewards import VideoScorer, register_scorer  # noqa: E402
 
 SECTION = "## GRPO reward curve on the tiny model (issue 13)"
+SECTION_TRAINED = "## GRPO with a reward from a trained demo model (issue 13)"
 
 
 @register_scorer("brightness")
@@ -39,7 +40,30 @@ class Brightness(VideoScorer):
         return videos.float().flatten(1).mean(1).cpu()
 
 
-def run(reward: str, steps: int, lr: float, clip: float, beta: float) -> list[dict]:
+def _from_our_run(run: Path, tmp: Path, sampling_steps: int) -> list[str]:
+    """Overrides that start GRPO from one of our runs (its EMA weights, model and text encoder) on the held-out
+    captions of its synthetic set, at its sample size."""
+    import yaml
+
+    from data_loaders.synthetic import make_clip
+    import numpy as np
+
+    c = yaml.safe_load((run / "config.yaml").read_text())
+    rng = np.random.default_rng(int(c["eval"]["synthetic_seed"]))
+    captions = [make_clip(rng, 2, 8, 8)[1]["caption"] for _ in range(64)]
+    (tmp / "prompts.txt").write_text("\n".join(captions) + "\n")
+    out = [f"model.{k}={v}" for k, v in c["model"].items() if k in ("hidden_size", "depth", "num_heads",
+                                                                     "adaln_tembed_dim", "caption_channels")]
+    out += [f"text_encoder.{k}={v}" for k, v in c["text_encoder"].items() if k in ("max_length", "tokenizer", "dim")]
+    s = c["sample"]
+    return out + [f"trainer.init_from={run}", f"stage.frames={s['frames']}", f"stage.height={s['height']}",
+                  f"stage.width={s['width']}", f"stage.steps={sampling_steps}", f"stage.shift={s['shift']}",
+                  f"stage.sde_window=[1,{max(2, sampling_steps // 2)}]", f"stage.guidance={s['guidance']}",
+                  "lora.rank=8", "lora.alpha=8.0"]
+
+
+def run(reward: str, steps: int, lr: float, clip: float, beta: float, init_from: Path | None = None,
+        prompts_per_step: int = 2, sampling_steps: int = 10) -> list[dict]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -50,22 +74,25 @@ def run(reward: str, steps: int, lr: float, clip: float, beta: float) -> list[di
     from lcv_train.training.trainer import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="grpo_curve_"))
-    torch.manual_seed(3)
-    m = LongCatDiT.from_preset("tiny")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(std=0.05)
-    export_published_dit(m.state_dict(), m.config, tmp / "pub")
-    (tmp / "prompts.txt").write_text("a red circle moves right\na blue square moves up\na green ball falls\n")
     overrides = [f"run.root={tmp / 'runs'}", "run.name=r", "logger=none", f"synthetic.dir={tmp / 'data'}",
                  "synthetic.n=4", "synthetic.frames=5", "synthetic.height=16", "synthetic.width=16",
                  "data.buckets=[[5,16,16]]", "data.batch_size=2", "data.num_workers=0", "trainer.sample_at_end=false",
-                 "trainer.device=cpu", "stage=grpo", f"stage.prompts={tmp / 'prompts.txt'}", "stage.frames=2",
-                 "stage.height=16", "stage.width=16", "stage.steps=3", "stage.sde_window=[1,3]", "stage.group_size=4",
-                 "stage.prompts_per_step=2", "stage.guidance=1.0", "lora.rank=4", "lora.alpha=4.0",
-                 f"trainer.init_from={tmp / 'pub'}", f"trainer.max_steps={steps}", f"trainer.checkpoint_every={steps}",
-                 f"stage.rewards=[{reward}]", "stage.reward_weights=[1.0]", f"stage.clip_range={clip}",
-                 f"stage.kl_beta={beta}", f"optim.lr={lr}", "ema.decay=0"]
+                 "eval.at_end=false", "trainer.device=cpu", "stage=grpo", f"stage.prompts={tmp / 'prompts.txt'}",
+                 "stage.group_size=4", f"stage.prompts_per_step={prompts_per_step}", f"trainer.max_steps={steps}",
+                 f"trainer.checkpoint_every={steps}", f"stage.rewards=[{reward}]", "stage.reward_weights=[1.0]",
+                 f"stage.clip_range={clip}", f"stage.kl_beta={beta}", f"optim.lr={lr}", "ema.decay=0"]
+    if init_from is not None:
+        overrides += _from_our_run(init_from, tmp, sampling_steps)
+    else:
+        torch.manual_seed(3)
+        m = LongCatDiT.from_preset("tiny")
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(std=0.05)
+        export_published_dit(m.state_dict(), m.config, tmp / "pub")
+        (tmp / "prompts.txt").write_text("a red circle moves right\na blue square moves up\na green ball falls\n")
+        overrides += ["stage.frames=2", "stage.height=16", "stage.width=16", "stage.steps=3", "stage.sde_window=[1,3]",
+                      "stage.guidance=1.0", "lora.rank=4", "lora.alpha=4.0", f"trainer.init_from={tmp / 'pub'}"]
     with initialize_config_dir(config_dir=str(Path(conf.__file__).parent), version_base=None):
         cfg = compose("train", overrides=overrides)
     Trainer(train_config_from_dict(OmegaConf.to_container(cfg, resolve=True))).fit()
@@ -81,14 +108,25 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-2)
     ap.add_argument("--clip", type=float, default=0.2)
     ap.add_argument("--beta", type=float, default=0.004)
+    ap.add_argument("--init-from", type=Path, help="one of our runs (e.g. the demo's): start from its EMA weights "
+                    "and roll out its held-out captions at its sample size")
+    ap.add_argument("--prompts-per-step", type=int, default=2)
+    ap.add_argument("--sampling-steps", type=int, default=10, help="with --init-from: rollout sampling steps")
     ap.add_argument("--write", action="store_true", help="replace this script's section of bench/RESULTS.md")
     a = ap.parse_args()
-    rows = run(a.reward, a.steps, a.lr, a.clip, a.beta)
-    lines = [SECTION, "",
+    rows = run(a.reward, a.steps, a.lr, a.clip, a.beta, a.init_from, a.prompts_per_step, a.sampling_steps)
+    section = SECTION if a.init_from is None else SECTION_TRAINED
+    start = ("tiny DiT (random weights), LoRA r4, G=4, 2 prompts a step, 3 sampling steps, 2x16x16 videos"
+             if a.init_from is None else
+             f"from the EMA weights of {a.init_from.name} (its model, text encoder and sample size; its held-out "
+             f"captions as prompts), LoRA r8, G=4, {a.prompts_per_step} prompts a step, {a.sampling_steps} "
+             f"sampling steps")
+    extra = "" if a.init_from is None else (f" --init-from RUN --prompts-per-step {a.prompts_per_step} "
+                                            f"--sampling-steps {a.sampling_steps}")
+    lines = [section, "",
              f"`python bench/grpo_curve.py --reward {a.reward} --steps {a.steps} --lr {a.lr} --clip {a.clip} "
-             f"--beta {a.beta}` ({platform.machine()}, {torch.get_num_threads()} threads, "
-             f"{datetime.date.today()}): tiny DiT (random weights), LoRA r4, G=4, 2 prompts a step, 3 sampling "
-             f"steps, 2x16x16 videos, one update per rollout.", "",
+             f"--beta {a.beta}{extra}` ({platform.machine()}, {torch.get_num_threads()} threads, "
+             f"{datetime.date.today()}): {start}, one update per rollout.", "",
              f"| step | {a.reward} mean | KL to base | clip fraction |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['step']} | {r['reward']:.4f} | {r['kl']:.4f} | {r['clip']:.3f} |" for r in rows]
     first, last = rows[: max(1, len(rows) // 4)], rows[-max(1, len(rows) // 4):]
@@ -100,8 +138,8 @@ def main() -> None:
     if a.write:
         path = REPO / "bench" / "RESULTS.md"
         old = path.read_text()
-        if SECTION in old:
-            head, _, tail = old.partition(SECTION)
+        if section in old:
+            head, _, tail = old.partition(section)
             rest = tail.split("\n## ", 1)
             old = head + ("## " + rest[1] if len(rest) > 1 else "")
         path.write_text(old.rstrip("\n") + "\n\n" + text)
