@@ -155,6 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "longcat-13.6b": dict(hidden_size=4096, depth=48, num_heads=32, caption_channels=4096, adaln_tembed_dim=512),
     # A few-minute CPU model for the embedded default and tests.
     "tiny": dict(hidden_size=64, depth=2, num_heads=2, caption_channels=32, adaln_tembed_dim=64, ffn_multiple_of=64),
+    "demo": dict(hidden_size=128, depth=2, num_heads=4, caption_channels=32, adaln_tembed_dim=128, ffn_multiple_of=64),
     # Small enough to train on one GPU in an afternoon; same code paths as the large one.
     "small": dict(hidden_size=256, depth=4, num_heads=4, caption_channels=128, adaln_tembed_dim=128, ffn_multiple_of=64),
 }

@@ -194,9 +194,10 @@ def test_model_rotates_its_attention_inputs_per_axis():
     pairs = [("t", j, 12) for j in range(6)] + [("h", j, 10) for j in range(5)] + [("w", j, 10) for j in range(5)]
     angle = torch.stack([axis_pos[a].double() * 10000.0 ** (-2 * j / d) for a, j, d in pairs], -1)  # [60, 16]
     rot = torch.polar(torch.ones_like(angle), angle)[None, :, None, :]
+    nh = m.config.num_heads
     for name in ("q", "k"):
-        before = torch.view_as_complex(seen[name + "_in"].double().reshape(2, 60, 2, 16, 2))
-        after = torch.view_as_complex(seen[name].double().reshape(2, 60, 2, 16, 2))
+        before = torch.view_as_complex(seen[name + "_in"].double().reshape(2, 60, nh, 16, 2))
+        after = torch.view_as_complex(seen[name].double().reshape(2, 60, nh, 16, 2))
         torch.testing.assert_close(after, before * rot, rtol=1e-5, atol=1e-5, msg=name)
 
 

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_overrides(root: Path, data_dir: Path) -> list[str]:
-    return [f"run.root={root}", "logger=none", f"synthetic.dir={data_dir}", "synthetic.n=48", "synthetic.frames=5",
+    return [f"run.root={root}", "logger=none", "model=tiny", f"synthetic.dir={data_dir}", "synthetic.n=48", "synthetic.frames=5",
             "synthetic.height=16", "synthetic.width=16", "data.buckets=[[5,16,16]]", "data.batch_size=4",
             "sample.frames=5", "sample.height=16", "sample.width=16", "sample.steps=2",
             "schedule.kind=constant", "schedule.warmup_steps=0", "eval.at_end=false"]

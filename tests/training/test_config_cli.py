@@ -28,7 +28,7 @@ def test_default_tree_is_valid_and_complete():
     cfg = composed()
     d = OmegaConf.to_container(cfg, resolve=True)
     tc = train_config_from_dict(d)
-    assert tc.model.hidden_size == 64 and tc.synthetic.enabled and tc.parallel.name == "single"
+    assert tc.model.hidden_size == 128 and tc.synthetic.enabled and tc.parallel.name == "single"
     # Every dataclass field is spelled out in the yaml, so any key can be overridden from the command line.
     for f in dataclasses.fields(TrainConfig):
         sub = getattr(tc, f.name)
@@ -88,7 +88,7 @@ def test_cli_help_cfg_and_one_line_errors(tmp_path):
     p = cli("--help", cwd=tmp_path)
     assert p.returncode == 0
     assert p.stdout.startswith("lcv-train: training for LongCat-Video")
-    assert "model: longcat-13.6b, small, tiny" in p.stdout
+    assert "model: demo, longcat-13.6b, small, tiny" in p.stdout
     p = cli("--cfg", "job", "model=small", "optim.lr=3e-4", cwd=tmp_path)
     assert p.returncode == 0
     job = OmegaConf.create(p.stdout)

@@ -49,7 +49,7 @@ def _config(tmp_path, *extra):
     prompts.write_text("a red circle moves right\na blue square moves up\n\na green ball falls\n")
     if not (tmp_path / "pub").exists():
         write_published_tiny(tmp_path / "pub", seed=3)
-    overrides = [f"run.root={tmp_path / 'runs'}", "run.name=r", "logger=none", "eval.at_end=false", f"synthetic.dir={tmp_path / 'data'}",
+    overrides = [f"run.root={tmp_path / 'runs'}", "run.name=r", "logger=none", "model=tiny", "eval.at_end=false", f"synthetic.dir={tmp_path / 'data'}",
                  "synthetic.n=4", "synthetic.frames=5", "synthetic.height=16", "synthetic.width=16",
                  "data.buckets=[[5,16,16]]", "data.batch_size=2", "data.num_workers=0", "trainer.sample_at_end=false",
                  "trainer.device=cpu", "stage=grpo", f"stage.prompts={prompts}", "stage.frames=2",
@@ -295,7 +295,7 @@ def _cli_overrides(tmp_path) -> list[str]:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moves right\na blue square moves up\na green ball falls\n")
     write_published_tiny(tmp_path / "pub", seed=3)
-    return [f"run.root={tmp_path / 'runs'}", "logger=none", "eval.at_end=false", f"synthetic.dir={tmp_path / 'data'}", "synthetic.n=4",
+    return [f"run.root={tmp_path / 'runs'}", "logger=none", "model=tiny", "eval.at_end=false", f"synthetic.dir={tmp_path / 'data'}", "synthetic.n=4",
             "synthetic.frames=5", "synthetic.height=16", "synthetic.width=16", "data.buckets=[[5,16,16]]",
             "data.batch_size=2", "data.num_workers=0", "trainer.sample_at_end=false", "trainer.device=cpu",
             "stage=grpo", f"stage.prompts={prompts}", "stage.frames=2", "stage.height=16", "stage.width=16",

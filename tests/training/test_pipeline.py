@@ -20,7 +20,7 @@ from tests.training._runs import env
 
 
 def _overrides(tmp_path: Path) -> list[str]:
-    return [f"run.root={tmp_path / 'runs'}", "run.name=lc", "logger=none", "eval.at_end=false", f"synthetic.dir={tmp_path / 'data'}",
+    return [f"run.root={tmp_path / 'runs'}", "run.name=lc", "logger=none", "model=tiny", "eval.at_end=false", f"synthetic.dir={tmp_path / 'data'}",
             "synthetic.n=8", "data.batch_size=2", "data.num_workers=0", "trainer.max_steps=2",
             "trainer.sample_at_end=false", "trainer.device=cpu", "model.bsa.backend=torch",
             # the stage the test kills: long enough to be caught mid-way, a checkpoint every step

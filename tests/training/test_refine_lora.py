@@ -25,7 +25,7 @@ def _config(tmp_path: Path, *extra):
     import conf
     from lcv_train.config import train_config_from_dict
 
-    overrides = [f"run.root={tmp_path / 'runs'}", "run.name=r", "logger=none", "eval.at_end=false", f"synthetic.dir={tmp_path / 'data'}",
+    overrides = [f"run.root={tmp_path / 'runs'}", "run.name=r", "logger=none", "model=tiny", "eval.at_end=false", f"synthetic.dir={tmp_path / 'data'}",
                  "stage=refine_lora", f"trainer.init_from={tmp_path / 'pub'}", *TINY, *extra]
     with initialize_config_dir(config_dir=str(Path(conf.__file__).parent), version_base=None):
         cfg = compose("train", overrides=overrides)

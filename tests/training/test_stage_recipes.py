@@ -73,8 +73,9 @@ def test_each_stage_says_the_papers_recipe():
 
 
 def test_every_stage_validates_on_the_embedded_default_which_is_unchanged():
-    """`lcv-train stage=X` on the embedded default (tiny model, synthetic 32x32 set): every stage's config
-    validates, data included; its buckets fit the 32x32 clips; the default itself is the README's run."""
+    """`lcv-train stage=X` on the embedded default (demo model, synthetic set): every stage's config
+    validates, data included; its buckets fit its synthetic clips (16x16 for the default video_pretrain,
+    32x32 for the others); the default itself is the README's run."""
     from data_loaders import to_data_config, validate
     from lcv_train.config import train_config_from_dict
 
@@ -87,12 +88,14 @@ def test_every_stage_validates_on_the_embedded_default_which_is_unchanged():
         for sub in data.get("subsets", {}).values():
             sub["shards"] = sub["shards"] or ["/synthetic"]
         dcfg = validate(to_data_config(data))
-        assert all(b[1:] == [32, 32] for b in dcfg.buckets), (stage, dcfg.buckets)
-        assert cfg.trainer.max_steps <= 300
+        size = [d["synthetic"]["height"], d["synthetic"]["width"]]
+        assert size == ([16, 16] if stage == "video_pretrain" else [32, 32]), (stage, size)
+        assert all(b[1:] == size for b in dcfg.buckets), (stage, dcfg.buckets)
+        assert cfg.trainer.max_steps <= 1200
     d = compose()
     assert d["stage"]["name"] == "video_pretrain"
     assert (d["optim"]["lr"], d["trainer"]["max_steps"], d["data"]["buckets"], d["data"]["batch_size"]) == \
-        (1e-3, 300, [[9, 32, 32]], 8)
+        (3e-3, 1200, [[5, 16, 16]], 8)
     assert d["schedule"] == {"kind": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1} and d["ema"]["decay"] == 0.99
     assert compose("stage=image_pretrain")["data"]["buckets"] == [[1, 32, 32]]
 
@@ -104,7 +107,7 @@ def _trainer(tmp_path, *extra):
     from lcv_train.config import train_config_from_dict
     from lcv_train.training.trainer import Trainer
 
-    d = compose("stage=sparse_ft", f"run.root={tmp_path / 'runs'}", "run.name=sp", "logger=none", "eval.at_end=false",
+    d = compose("stage=sparse_ft", f"run.root={tmp_path / 'runs'}", "run.name=sp", "logger=none", "model=tiny", "eval.at_end=false",
                 f"synthetic.dir={tmp_path / 'data'}", "synthetic.n=16", "data.batch_size=2", "data.num_workers=0",
                 "trainer.sample_at_end=false", "trainer.device=cpu", "model.bsa.backend=torch", *extra)
     return Trainer(train_config_from_dict(d))

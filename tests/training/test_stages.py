@@ -58,7 +58,7 @@ def _config(tmp_path, *extra):
     import conf
     from lcv_train.config import train_config_from_dict
 
-    overrides = [f"run.root={tmp_path / 'runs'}", "run.name=r", "logger=none", f"synthetic.dir={tmp_path / 'data'}",
+    overrides = [f"run.root={tmp_path / 'runs'}", "run.name=r", "logger=none", "model=tiny", f"synthetic.dir={tmp_path / 'data'}",
                  "synthetic.n=4", "synthetic.frames=5", "synthetic.height=16", "synthetic.width=16",
                  "data.buckets=[[5,16,16]]", "data.batch_size=2", "data.num_workers=0", "trainer.sample_at_end=false",
                  "trainer.device=cpu", "trainer.checkpoint_every=2", "eval.at_end=false", *extra]
