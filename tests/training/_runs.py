@@ -33,5 +33,35 @@ def lcv_train(args: list[str], cwd: Path, check: bool = True, timeout: int = 240
     return p
 
 
+def train_here(args: list[str]) -> dict:
+    """``lcv_train(args)`` in this process: the same config composition and ``lcv_train.cli.run``, without a
+    fresh interpreter's start-up (~5 s of importing torch and transformers on a 2-core box). For the
+    single-process reference runs that distributed runs are compared with; a test of the command line itself
+    (exit codes, printed lines, Hydra's run folder) runs ``lcv_train``. One thread and no progress bar, as
+    ``env()`` gives the subprocesses."""
+    import torch
+    import torch.distributed as dist
+    from hydra import compose, initialize_config_dir
+
+    import conf
+    from lcv_train.cli import run
+
+    with initialize_config_dir(config_dir=str(Path(conf.__file__).parent), version_base=None):
+        cfg = compose("train", overrides=list(args))
+    threads, progress = torch.get_num_threads(), os.environ.get("LCV_NO_PROGRESS")
+    torch.set_num_threads(1)
+    os.environ["LCV_NO_PROGRESS"] = "1"
+    try:
+        return run(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        if progress is None:
+            os.environ.pop("LCV_NO_PROGRESS")
+        else:
+            os.environ["LCV_NO_PROGRESS"] = progress
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     return {d["step"]: d["train/loss"] for d in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}

@@ -213,11 +213,11 @@ def test_fsdp_two_ranks_with_cp2_match_one_process_and_dp2_gathers_the_groups(tm
     critical steps of both are gathered (16 videos and 4 critical steps per rollout, 2 ranks x 2 prompts x G=4).
     Catches: a cp rank drawing its own noise or prompts, groups split across ranks, advantages normalised
     per rank while the figures claim the job's."""
-    from tests.training._runs import lcv_train
+    from tests.training._runs import train_here
     from tests.training.test_distributed_train import torchrun
 
     o = _cli_overrides(tmp_path)
-    lcv_train(o + ["run.name=one"], cwd=tmp_path)
+    train_here(o + ["run.name=one"])
     torchrun(o + ["run.name=cp", "parallel=fsdp", "parallel.cp=2", "parallel.backend=gloo"], cwd=tmp_path)
     torchrun(o + ["run.name=dp", "parallel=fsdp", "parallel.backend=gloo"], cwd=tmp_path)
     one, cp, dp = _rows(tmp_path, "one"), _rows(tmp_path, "cp"), _rows(tmp_path, "dp")
