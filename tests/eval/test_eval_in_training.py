@@ -14,7 +14,7 @@ def test_eval_every_and_at_end_logs_curve_scores_and_videos(tmp_path):
     evals = ["eval.every=2", "eval.samples=5", "eval.batch_size=2", "eval.synthetic_n=8", "eval.num_prompts=3",
              "eval.sigmas=[0.2,0.8]"]
     p = lcv_train(base + evals + ["run.name=with"], cwd=REPO)
-    lcv_train(base + ["eval.at_end=false", "run.name=without"], cwd=REPO)
+    train_here(base + ["eval.at_end=false", "run.name=without"])
     run = tmp_path / "runs" / "with"
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     for step in (2, 4):
