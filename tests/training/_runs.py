@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,13 +51,20 @@ def train_here(args: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(Path(conf.__file__).parent), version_base=None):
         cfg = compose("train", overrides=list(args))
     threads, progress = torch.get_num_threads(), os.environ.get("LCV_NO_PROGRESS")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     torch.set_num_threads(1)
     os.environ["LCV_NO_PROGRESS"] = "1"
     try:
         return run(cfg)
-    finally:
+    finally:  # leave this process as it was: no process group, signal handlers or run log files
         if dist.is_initialized():
             dist.destroy_process_group()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if getattr(h, "_lcv", False)]:
+            root.removeHandler(h)
+            h.close()
         torch.set_num_threads(threads)
         if progress is None:
             os.environ.pop("LCV_NO_PROGRESS")
