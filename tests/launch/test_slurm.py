@@ -38,7 +38,7 @@ def test_sbatch_trains_two_ranks_usr1_checkpoints_requeues_and_resumes(slurm_clu
     One job for both (it was two: a plain 4-step job, then this one), since each job start costs a torchrun
     and two ranks' imports.
     """
-    job = _submit(slurm_cluster, tmp_path, "trainer.max_steps=30", "trainer.checkpoint_every=1000")
+    job = _submit(slurm_cluster, tmp_path, "trainer.max_steps=16", "trainer.checkpoint_every=1000")
     run = tmp_path / "outputs" / f"lcv-{job}"
     rank0 = run / "logs" / "rank0.log"
     deadline = time.monotonic() + 120
@@ -61,12 +61,12 @@ def test_sbatch_trains_two_ranks_usr1_checkpoints_requeues_and_resumes(slurm_clu
     resumed = [line for line in log.splitlines() if "resumed from" in line]
     assert len(resumed) == 1, log
     step = int(resumed[0].rsplit("at step", 1)[1])
-    assert 2 <= step < 30, resumed[0]
+    assert 2 <= step < 16, resumed[0]
     assert f"step_{step:07d}" in resumed[0]
-    assert _latest(run) == "step_0000030"
-    assert (run / "checkpoints" / "step_0000030").is_dir()
+    assert _latest(run) == "step_0000016"
+    assert (run / "checkpoints" / "step_0000016").is_dir()
     for rank in (0, 1):
-        assert "step 30 loss" in (run / "logs" / f"rank{rank}.log").read_text()
+        assert "step 16 loss" in (run / "logs" / f"rank{rank}.log").read_text()
     assert "--nproc-per-node 2" in out and "rdzv-endpoint localhost:" in out
 
 
