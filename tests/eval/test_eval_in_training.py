@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.training._runs import REPO, lcv_train, losses, tiny_overrides, train_here
+from tests.training._runs import REPO, lcv_train, losses, tiny_overrides
 
 
 def test_eval_every_and_at_end_logs_curve_scores_and_videos(tmp_path):
@@ -14,7 +14,7 @@ def test_eval_every_and_at_end_logs_curve_scores_and_videos(tmp_path):
     evals = ["eval.every=2", "eval.samples=5", "eval.batch_size=2", "eval.synthetic_n=8", "eval.num_prompts=3",
              "eval.sigmas=[0.2,0.8]"]
     p = lcv_train(base + evals + ["run.name=with"], cwd=REPO)
-    train_here(base + ["eval.at_end=false", "run.name=without"])
+    lcv_train(base + ["eval.at_end=false", "run.name=without"], cwd=REPO)
     run = tmp_path / "runs" / "with"
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     for step in (2, 4):
@@ -44,7 +44,7 @@ def test_eval_on_two_fsdp_ranks_equals_one_process(tmp_path):
     o = tiny_overrides(tmp_path / "runs", tmp_path / "data") + [
         "eval.at_end=true", "eval.samples=5", "eval.batch_size=2", "eval.synthetic_n=8", "eval.num_prompts=3",
         "ema.decay=0", "trainer.sample_at_end=false", "parallel.backend=gloo"]
-    train_here(o + ["run.name=one", "trainer.max_steps=2"])
+    lcv_train(o + ["run.name=one", "trainer.max_steps=2"], cwd=tmp_path)  # writes videos: not in pytest
     ckpt = tmp_path / "runs" / "one" / "checkpoints" / "step_0000002"
     torchrun(o + ["run.name=two", "parallel=fsdp", f"trainer.resume={ckpt}", "trainer.max_steps=3",
                   "optim.lr=1e-30"], cwd=tmp_path)

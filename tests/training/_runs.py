@@ -40,7 +40,9 @@ def train_here(args: list[str]) -> dict:
     fresh interpreter's start-up (~5 s of importing torch and transformers on a 2-core box). For the
     single-process reference runs that distributed runs are compared with; a test of the command line itself
     (exit codes, printed lines, Hydra's run folder) runs ``lcv_train``. One thread and no progress bar, as
-    ``env()`` gives the subprocesses."""
+    ``env()`` gives the subprocesses. Not for runs that sample or evaluate with videos: after the trainer's
+    sampling in this process, the clips test_curate.py encodes here come out a few bytes different from its
+    pool workers' (when it runs later in the same session), so those runs stay subprocesses."""
     import torch
     import torch.distributed as dist
     from hydra import compose, initialize_config_dir
@@ -50,6 +52,8 @@ def train_here(args: list[str]) -> dict:
 
     with initialize_config_dir(config_dir=str(Path(conf.__file__).parent), version_base=None):
         cfg = compose("train", overrides=list(args))
+    assert not cfg.trainer.sample_at_end and not cfg.trainer.sample_every and not cfg.eval.at_end \
+        and not cfg.eval.every, "train_here: a run that samples or evaluates runs as a subprocess (lcv_train)"
     threads, progress = torch.get_num_threads(), os.environ.get("LCV_NO_PROGRESS")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     torch.set_num_threads(1)

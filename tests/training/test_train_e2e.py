@@ -139,7 +139,9 @@ def test_multitask_with_block_sparse_attention_trains_and_samples(runs):
            "model.bsa.chunk_3d_shape_k=[2,2,2]"]
     train_here(o + ["run.name=dense", "trainer.sample_at_end=false"])
     train_here(o + bsa + ["run.name=bsa_all", "model.bsa.sparsity=0.0", "trainer.sample_at_end=false"])
-    train_here(o + bsa + ["run.name=bsa", "model.bsa.sparsity=0.5"])
+    # A subprocess: sampling in this process changes how the curate tests' in-process clips encode later
+    # (tests/data/test_curate.py, when run after this file), so runs that sample stay out of pytest.
+    lcv_train(o + bsa + ["run.name=bsa", "model.bsa.sparsity=0.5"], cwd=root)
     dense, every_block, sparse = losses(root / "dense"), losses(root / "bsa_all"), losses(root / "bsa")
     assert sorted(sparse) == [1, 2, 3]
     for step in (1, 2, 3):  # exact attention either way: fp32 rounding only (measured: identical)
