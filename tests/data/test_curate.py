@@ -156,7 +156,7 @@ def test_shards_stats_mixture_and_filters(curated, capsys):
 @pytest.mark.slow
 def test_shards_train(curated, tmp_path):
     sys.path.insert(0, str(REPO / "tests" / "training"))
-    from _runs import lcv_train, losses, tiny_overrides
+    from _runs import losses, tiny_overrides, train_here
 
     out, summary, _ = curated
     shards = ",".join(summary["shards"].values())
@@ -164,7 +164,7 @@ def test_shards_train(curated, tmp_path):
                                                      "data.batch_sizes=[]",  # stage video_pretrain sets 4 for its 4 buckets
                                                      "data.fps=8.0", "data.batch_size=2", "trainer.max_steps=2",
                                                      "trainer.sample_at_end=false", "run.name=curated"]
-    lcv_train(o, cwd=tmp_path)
+    train_here(o)
     loss = losses(tmp_path / "curated")
     assert sorted(loss) == [1, 2] and all(np.isfinite(v) for v in loss.values())
 

@@ -45,7 +45,7 @@ def test_eval_on_two_fsdp_ranks_equals_one_process(tmp_path):
     o = tiny_overrides(tmp_path / "runs", tmp_path / "data") + [
         "eval.at_end=true", "eval.samples=5", "eval.batch_size=2", "eval.synthetic_n=8", "eval.num_prompts=3",
         "ema.decay=0", "trainer.sample_at_end=false", "parallel.backend=gloo"]
-    lcv_train(o + ["run.name=one", "trainer.max_steps=2"], cwd=tmp_path)
+    lcv_train(o + ["run.name=one", "trainer.max_steps=2"], cwd=tmp_path)  # writes videos: not in pytest
     ckpt = tmp_path / "runs" / "one" / "checkpoints" / "step_0000002"
     torchrun(o + ["run.name=two", "parallel=fsdp", f"trainer.resume={ckpt}", "trainer.max_steps=3",
                   "optim.lr=1e-30"], cwd=tmp_path)

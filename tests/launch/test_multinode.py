@@ -73,7 +73,7 @@ def test_each_node_lost_in_turn_recovers_and_resumes_exactly(tmp_path):
     latest checkpoint; the steps computed twice (before the kill and after the resume) give the same loss
     and grad norm, and the run ends at max_steps. Only rank 0 writes lcv-train.log and .hydra/."""
     store, endpoint = start_store(tmp_path)
-    total = 40
+    total = 20  # enough for two kills, each after a checkpoint newer than the last resume
     args = train_args(tmp_path, f"trainer.max_steps={total}", "trainer.checkpoint_every=4")
     env = dict(LCV_NPROC_PER_NODE="1", LCV_MAX_RESTARTS="2", LCV_RDZV_IS_HOST="0")
     a = Node("A", tmp_path, endpoint, args, **env)
@@ -83,7 +83,7 @@ def test_each_node_lost_in_turn_recovers_and_resumes_exactly(tmp_path):
     timings = []
     try:
         # rank0.log: whichever node holds rank 0 in an attempt (the rendezvous may swap them) appends to it.
-        for victim, kill_at in ((b, 6), (a, 18)):
+        for victim, kill_at in ((b, 6), (a, 14)):
             wait_for_step(rank0, kill_at, [a, b])
             before = len(steps_logged(rank0))
             published = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))

@@ -38,7 +38,7 @@ def test_sbatch_trains_two_ranks_usr1_checkpoints_requeues_and_resumes(slurm_clu
     One job for both (it was two: a plain 4-step job, then this one), since each job start costs a torchrun
     and two ranks' imports.
     """
-    job = _submit(slurm_cluster, tmp_path, "trainer.max_steps=30", "trainer.checkpoint_every=1000")
+    job = _submit(slurm_cluster, tmp_path, "trainer.max_steps=16", "trainer.checkpoint_every=1000")
     run = tmp_path / "outputs" / f"lcv-{job}"
     rank0 = run / "logs" / "rank0.log"
     deadline = time.monotonic() + 120
@@ -61,12 +61,12 @@ def test_sbatch_trains_two_ranks_usr1_checkpoints_requeues_and_resumes(slurm_clu
     resumed = [line for line in log.splitlines() if "resumed from" in line]
     assert len(resumed) == 1, log
     step = int(resumed[0].rsplit("at step", 1)[1])
-    assert 2 <= step < 30, resumed[0]
+    assert 2 <= step < 16, resumed[0]
     assert f"step_{step:07d}" in resumed[0]
-    assert _latest(run) == "step_0000030"
-    assert (run / "checkpoints" / "step_0000030").is_dir()
+    assert _latest(run) == "step_0000016"
+    assert (run / "checkpoints" / "step_0000016").is_dir()
     for rank in (0, 1):
-        assert "step 30 loss" in (run / "logs" / f"rank{rank}.log").read_text()
+        assert "step 16 loss" in (run / "logs" / f"rank{rank}.log").read_text()
     assert "--nproc-per-node 2" in out and "rdzv-endpoint localhost:" in out
 
 
@@ -120,7 +120,7 @@ def test_sbatch_requeues_after_a_fault_and_after_a_node_failure(slurm_cluster, t
 
     job = slurm_cluster.sbatch("--gpus-per-node=0", f"--cpus-per-task={slurm_cluster.cpus}", "--time=5",
                                "--job-name=lcv", str(TRAIN_SBATCH), f"run.root={tmp_path / 'outputs'}", *TINY,
-                               "trainer.max_steps=60", "trainer.checkpoint_every=2", cwd=tmp_path,
+                               "trainer.max_steps=20", "trainer.checkpoint_every=2", cwd=tmp_path,
                                env=launch_env(LCV_NPROC_PER_NODE="2", LCV_ROOT=str(REPO), LCV_MAX_RESTARTS="0"))
     run = tmp_path / "outputs" / f"lcv-{job}"
     _wait_for_step(slurm_cluster, job, run, tmp_path, 3)
@@ -137,7 +137,7 @@ def test_sbatch_requeues_after_a_fault_and_after_a_node_failure(slurm_cluster, t
         p.kill()
     rank0 = run / "logs" / "rank0.log"
     deadline = time.monotonic() + 180
-    while "resumed from" not in rank0.read_text() or "step 14 loss" not in rank0.read_text():
+    while "resumed from" not in rank0.read_text() or "step 8 loss" not in rank0.read_text():
         assert time.monotonic() < deadline, (tmp_path / f"lcv-{job}.out").read_text() + slurm_cluster.logs()
         time.sleep(0.2)
     node = slurm_cluster.NODE
@@ -159,5 +159,5 @@ def test_sbatch_requeues_after_a_fault_and_after_a_node_failure(slurm_cluster, t
     assert info.state == "COMPLETED" and info.restarts == 2, f"{info.state} {info.restarts}\n{out}"
     assert "requeueing job" in out and "after a fault" in out, out
     resumed = [int(line.rsplit("at step", 1)[1]) for line in rank0.read_text().splitlines() if "resumed from" in line]
-    assert len(resumed) == 2 and 2 <= resumed[0] < resumed[1] and resumed[1] >= 14, resumed
-    assert _latest(run) == "step_0000060"
+    assert len(resumed) == 2 and 2 <= resumed[0] < resumed[1] and resumed[1] >= 8, resumed
+    assert _latest(run) == "step_0000020"

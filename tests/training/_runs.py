@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,47 @@ def lcv_train(args: list[str], cwd: Path, check: bool = True, timeout: int = 240
     if check and p.returncode != 0:
         raise AssertionError(f"lcv-train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def train_here(args: list[str]) -> dict:
+    """``lcv_train(args)`` in this process: the same config composition and ``lcv_train.cli.run``, without a
+    fresh interpreter's start-up (~5 s of importing torch and transformers on a 2-core box). For the
+    single-process reference runs that distributed runs are compared with; a test of the command line itself
+    (exit codes, printed lines, Hydra's run folder) runs ``lcv_train``. One thread and no progress bar, as
+    ``env()`` gives the subprocesses. Not for runs that sample or evaluate with videos: after the trainer's
+    sampling in this process, the clips test_curate.py encodes here come out a few bytes different from its
+    pool workers' (when it runs later in the same session), so those runs stay subprocesses."""
+    import torch
+    import torch.distributed as dist
+    from hydra import compose, initialize_config_dir
+
+    import conf
+    from lcv_train.cli import run
+
+    with initialize_config_dir(config_dir=str(Path(conf.__file__).parent), version_base=None):
+        cfg = compose("train", overrides=list(args))
+    assert not cfg.trainer.sample_at_end and not cfg.trainer.sample_every and not cfg.eval.at_end \
+        and not cfg.eval.every, "train_here: a run that samples or evaluates runs as a subprocess (lcv_train)"
+    threads, progress = torch.get_num_threads(), os.environ.get("LCV_NO_PROGRESS")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    torch.set_num_threads(1)
+    os.environ["LCV_NO_PROGRESS"] = "1"
+    try:
+        return run(cfg)
+    finally:  # leave this process as it was: no process group, signal handlers or run log files
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if getattr(h, "_lcv", False)]:
+            root.removeHandler(h)
+            h.close()
+        torch.set_num_threads(threads)
+        if progress is None:
+            os.environ.pop("LCV_NO_PROGRESS")
+        else:
+            os.environ["LCV_NO_PROGRESS"] = progress
 
 
 def losses(run_dir: Path) -> dict[int, float]:

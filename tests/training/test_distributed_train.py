@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.training._runs import env, lcv_train, losses, tiny_overrides
+from tests.training._runs import env, losses, tiny_overrides, train_here
 from tests.optional import needs
 
 
@@ -45,10 +45,8 @@ def test_fsdp_two_ranks_save_resume_on_two_and_one(tmp_path):
     step2 = root / "full" / "checkpoints" / "step_0000004"
     single = o[:]
     single[single.index("parallel=fsdp")] = "parallel=single"
-    p = subprocess.run([sys.executable, "-m", "lcv_train", *single, "run.name=one", f"trainer.resume={step2}",
-                        "trainer.max_steps=5", "optim.lr=1e-30", "ema.decay=0"], cwd=tmp_path, env=env(),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    train_here(single + ["run.name=one", f"trainer.resume={step2}", "trainer.max_steps=5", "optim.lr=1e-30",
+                         "ema.decay=0"])
     assert "written by 2 ranks, resuming on 1" in (root / "one" / "logs" / "rank0.log").read_text()
     assert sorted(losses(root / "one")) == [5]
     from lcv_train.checkpoints.ours import read_our_weights
@@ -66,9 +64,7 @@ def single_process_reference(tmp_path_factory):
     o = tiny_overrides(tmp / "runs", tmp / "data") + ["trainer.sample_at_end=false", "data.num_workers=1",
                                                       "run.name=ref", "trainer.max_steps=3", "synthetic.height=20",
                                                       "synthetic.width=20", "data.buckets=[[5,20,20]]"]
-    p = subprocess.run([sys.executable, "-m", "lcv_train", *o], cwd=tmp, env=env(), capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    train_here(o)
     return tmp, o, losses(tmp / "runs" / "ref")
 
 
@@ -102,7 +98,7 @@ def test_block_sparse_ring_training_on_a_ragged_grid_matches_single_process(tmp_
         "data.tasks={i2v: 0.5, vc: 0.5}",  # every step has condition frames
         "model.attention=bsa", "model.bsa.sparsity=0.5", "model.bsa.backend=torch",
         "model.bsa.chunk_3d_shape_q=[2,2,2]", "model.bsa.chunk_3d_shape_k=[2,2,2]"]
-    lcv_train(o + ["run.name=one"], cwd=tmp_path)
+    train_here(o + ["run.name=one"])
     torchrun(o + ["run.name=cp", "parallel=fsdp", "parallel.cp=2", "parallel.backend=gloo"], cwd=tmp_path)
     log = (tmp_path / "runs" / "cp" / "logs" / "rank0.log").read_text()
     assert "5x5 tokens per frame as 2x1 tiles of 4x6" in log
@@ -118,7 +114,7 @@ def test_init_from_published_weights_on_meta_matches_single_process(single_proce
     write_published_tiny(tmp / "pub", seed=7)
     o = [x for x in o if not x.startswith(("run.name", "trainer.max_steps"))] + [
         f"trainer.init_from={tmp / 'pub'}", "trainer.max_steps=2"]
-    lcv_train(o + ["run.name=init_one"], cwd=tmp)
+    train_here(o + ["run.name=init_one"])
     torchrun(o + ["run.name=init_cp", "parallel=fsdp", "parallel.cp=2", "parallel.backend=gloo",
                   "parallel.activation_checkpointing=2"], cwd=tmp)
     assert "rank 0 read it, every rank received its part" in (tmp / "runs" / "init_cp" / "logs" / "rank0.log").read_text()
@@ -160,9 +156,9 @@ def test_zero3_training_with_ema_resumes_exactly_and_exports(tmp_path):
         assert ema_full[k].shape == weights["engine.model." + k[len("ema."):]].shape  # whole tensors
     assert any(not torch.equal(ema_full[k], weights["engine.model." + k[len("ema."):]]) for k in ema_full)
     out = tmp_path / "exported"
-    p = subprocess.run([sys.executable, "-m", "lcv_train.export", str(root / "full"), str(out), "--weights", "ema",
-                        "--dtype", "fp32"], env=env(), capture_output=True, text=True, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    from lcv_train.export import main as export_main
+
+    assert export_main([str(root / "full"), str(out), "--weights", "ema", "--dtype", "fp32"]) == 0
     from lcv_train.checkpoints import load_published_state_dict
 
     exported = load_published_state_dict(out)
@@ -179,7 +175,7 @@ def test_zero3_builds_the_model_partitioned_with_the_single_process_weights(tmp_
     o = tiny_overrides(root, data) + ["trainer.max_steps=1", "optim.lr=1e-30", "trainer.sample_at_end=false",
                                       "data.num_workers=1", "ema.decay=0"]
     zero3 = ["parallel=zero3", "parallel.backend=gloo"]
-    lcv_train(o + ["run.name=one"], cwd=tmp_path)
+    train_here(o + ["run.name=one"])
     torchrun(o + zero3 + ["run.name=z3"], cwd=tmp_path)
     one = saved_tensors(root / "one" / "checkpoints" / "step_0000001", "engine.model.")
     z3 = saved_tensors(root / "z3" / "checkpoints" / "step_0000001", "engine.model.")
@@ -217,9 +213,7 @@ def test_tensor_parallel_training_resumes_exactly_with_ema(tmp_path):
     # The TP checkpoint consolidates to the same weights one process trains on the same batches.
     single = [x for x in o if not x.startswith("parallel")] + ["parallel=single", "run.name=single",
                                                                  "trainer.max_steps=3", "trainer.sample_at_end=false"]
-    p = subprocess.run([sys.executable, "-m", "lcv_train", *single], cwd=tmp_path, env=env(), capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    train_here(single)
     from lcv_train.checkpoints.ours import read_our_weights
 
     cfg, tp_weights = read_our_weights(root / "full" / "checkpoints" / "step_0000003", "model")

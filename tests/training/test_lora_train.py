@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from tests.training._runs import lcv_train, losses, tiny_overrides
+from tests.training._runs import losses, tiny_overrides, train_here
 from tests.training.test_distributed_train import torchrun, write_published_tiny
 
 LORA = ["lora.rank=4", "lora.alpha=8.0", "optim.lr=1e-2"]
@@ -33,14 +33,14 @@ def test_lora_run_trains_only_adapters_and_fsdp_two_ranks_match_one(tmp_path):
     o = tiny_overrides(tmp_path / "runs", tmp_path / "data") + LORA + [
         f"trainer.init_from={tmp_path / 'pub'}", "trainer.max_steps=3", "trainer.checkpoint_every=3",
         "trainer.sample_at_end=false", "data.num_workers=1", "ema.decay=0.5"]
-    lcv_train(o + ["run.name=one"], cwd=tmp_path)
+    train_here(o + ["run.name=one"])
     torchrun(o + ["run.name=fsdp", "parallel=fsdp", "parallel.cp=2", "parallel.backend=gloo"], cwd=tmp_path)
     one, two = losses(tmp_path / "runs" / "one"), losses(tmp_path / "runs" / "fsdp")
     for step in (1, 2, 3):
         assert two[step] == pytest.approx(one[step], rel=1e-4), (step, two, one)
     split = [x for x in o if not x.startswith(("trainer.max_steps", "trainer.checkpoint_every"))]
-    lcv_train(split + ["run.name=split", "trainer.max_steps=2", "trainer.checkpoint_every=2"], cwd=tmp_path)
-    lcv_train(split + ["run.name=split", "trainer.max_steps=3", "trainer.checkpoint_every=2"], cwd=tmp_path)
+    train_here(split + ["run.name=split", "trainer.max_steps=2", "trainer.checkpoint_every=2"])
+    train_here(split + ["run.name=split", "trainer.max_steps=3", "trainer.checkpoint_every=2"])
     assert losses(tmp_path / "runs" / "split")[3] == pytest.approx(one[3], rel=1e-6)
 
     ckpt = tmp_path / "runs" / "one" / "checkpoints" / "step_0000003"
