@@ -319,8 +319,10 @@ def test_fsdp_two_ranks_with_cp2_or_dp2_take_the_updates_of_one_process(tmp_path
     gradients averaged by FSDP's reduce-scatter), fp32 rounding, ~1e-7 relative per operation; the rewards of
     the slightly different videos and everything after them follow. Measured (this tiny model): figures differ
     by at most 3e-6 absolute (the loss, the policy term and the advantage mean are near-zero differences of
-    O(1) terms), the weights by 2.5e-5 (cp) and 5e-6 (dp). The bounds: figures rel 1e-4 or abs 1e-5; weights
-    abs 1e-4, against the 3e-2 that 3 Adam steps at lr 1e-2 can move them. A rank with its own noise or
+    O(1) terms), the weights by up to 1.9e-4 (cp; 2.5e-5 before the word-level text stand-in changed the
+    rollouts) and 5e-6 (dp): Adam divides by sqrt(v), so where a LoRA gradient is near zero a rounding-size
+    gradient difference moves the update by a fraction of lr. The bounds: figures rel 1e-4 or abs 1e-5;
+    weights abs 1e-3, against the 3e-2 that 3 Adam steps at lr 1e-2 can move them. A rank with its own noise or
     prompts, or rank 0's figures, differ by O(1) in the figures and O(lr) in the weights."""
     from tests.training._runs import lcv_train
     from tests.training.test_distributed_train import saved_tensors, torchrun
@@ -347,4 +349,5 @@ def test_fsdp_two_ranks_with_cp2_or_dp2_take_the_updates_of_one_process(tmp_path
                     assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (name, a["step"], k)
         theirs = saved_tensors(tmp_path / "runs" / name / final, "engine.model.")
         assert set(theirs) == set(weights) and weights
-        assert max(float((theirs[k] - weights[k]).abs().max()) for k in weights) < 1e-4, name
+        diff = max(float((theirs[k] - weights[k]).abs().max()) for k in weights)
+        assert diff < 1e-3, (name, diff)
