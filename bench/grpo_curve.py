@@ -41,17 +41,17 @@ class Brightness(VideoScorer):
 
 
 def _from_our_run(run: Path, tmp: Path, sampling_steps: int) -> list[str]:
-    """Overrides that start GRPO from one of our runs (its EMA weights, model and text encoder) on the held-out
-    captions of its synthetic set, at its sample size."""
+    """Overrides that start GRPO from one of our runs (its EMA weights, model and text encoder) on the prompts
+    of its last evaluation (``eval/step_N/prompts.txt``: the held-out captions), at its sample size."""
+    import shutil
+
     import yaml
 
-    from data_loaders.synthetic import make_clip
-    import numpy as np
-
     c = yaml.safe_load((run / "config.yaml").read_text())
-    rng = np.random.default_rng(int(c["eval"]["synthetic_seed"]))
-    captions = [make_clip(rng, 2, 8, 8)[1]["caption"] for _ in range(64)]
-    (tmp / "prompts.txt").write_text("\n".join(captions) + "\n")
+    evaluated = sorted(run.glob("eval/step_*/prompts.txt"))
+    if not evaluated:
+        sys.exit(f"grpo_curve: {run} has no eval/step_N/prompts.txt; evaluate the run first (eval.at_end=true)")
+    shutil.copyfile(evaluated[-1], tmp / "prompts.txt")
     out = [f"model.{k}={v}" for k, v in c["model"].items() if k in ("hidden_size", "depth", "num_heads",
                                                                      "adaln_tembed_dim", "caption_channels")]
     out += [f"text_encoder.{k}={v}" for k, v in c["text_encoder"].items() if k in ("max_length", "tokenizer", "dim")]
@@ -118,8 +118,8 @@ def main() -> None:
     section = SECTION if a.init_from is None else SECTION_TRAINED
     start = ("tiny DiT (random weights), LoRA r4, G=4, 2 prompts a step, 3 sampling steps, 2x16x16 videos"
              if a.init_from is None else
-             f"from the EMA weights of {a.init_from.name} (its model, text encoder and sample size; its held-out "
-             f"captions as prompts), LoRA r8, G=4, {a.prompts_per_step} prompts a step, {a.sampling_steps} "
+             f"from the EMA weights of {a.init_from.name} (its model, text encoder and sample size; the prompts of "
+             f"its last evaluation), LoRA r8, G=4, {a.prompts_per_step} prompts a step, {a.sampling_steps} "
              f"sampling steps")
     extra = "" if a.init_from is None else (f" --init-from RUN --prompts-per-step {a.prompts_per_step} "
                                             f"--sampling-steps {a.sampling_steps}")

@@ -49,38 +49,14 @@ class PixelCodec(VideoCodec):
         return x.reshape(b, 3, f, h * s, w * s)
 
 
-class ByteTokenizer:
-    """UTF-8 bytes shifted by 3; id 0 = pad, 1 = EOS (appended, as T5 does), 2 = unk (unused)."""
+class _Tokenizer:
+    """Token ids ``[B, max_length]`` and a prefix mask from ``ids(caption)``: id 0 = pad, 1 = EOS (appended, as
+    T5 does; kept when a caption is cut to ``max_length``), 2 = unk (unused), real tokens from 3."""
 
     pad_id = 0
     eos_id = 1
     offset = 3
-    vocab_size = 256 + offset
-
-    def __call__(self, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((len(captions), max_length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(captions), max_length), dtype=torch.bool)
-        for i, caption in enumerate(captions):
-            tokens = [b + self.offset for b in caption.encode("utf-8")[: max_length - 1]] + [self.eos_id]
-            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[i, : len(tokens)] = True
-        return ids, mask
-
-
-class WordTokenizer:
-    """Lower-cased words (runs of letters and digits), each hashed with CRC-32 to one of ``vocab_size - 3`` ids
-    shifted by 3; id 0 = pad, 1 = EOS (appended), 2 = unk (unused). Any text works; with 4096 ids the
-    synthetic world's 25 words get 25 distinct ids (tested). One token per word, so a word's meaning sits
-    in one place: a tiny random encoder keeps "red" and "blue" far easier to tell apart than byte runs."""
-
-    pad_id = 0
-    eos_id = 1
-    offset = 3
-    vocab_size = 4096 + offset
-
-    def ids(self, caption: str) -> list[int]:
-        words = re.findall(r"[^\W_]+", caption.lower())
-        return [self.offset + zlib.crc32(w.encode("utf-8")) % (self.vocab_size - self.offset) for w in words]
+    vocab_size: int  # and ``ids(caption) -> list[int]``: each subclass's own reading of a caption
 
     def __call__(self, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.full((len(captions), max_length), self.pad_id, dtype=torch.long)
@@ -90,6 +66,28 @@ class WordTokenizer:
             ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[i, : len(tokens)] = True
         return ids, mask
+
+
+class ByteTokenizer(_Tokenizer):
+    """UTF-8 bytes, one token each."""
+
+    vocab_size = 256 + _Tokenizer.offset
+
+    def ids(self, caption: str) -> list[int]:
+        return [b + self.offset for b in caption.encode("utf-8")]
+
+
+class WordTokenizer(_Tokenizer):
+    """Lower-cased words (runs of letters and digits), each hashed with CRC-32 to one of 4096 ids. Any text
+    works; the synthetic world's 25 words get 25 distinct ids (tested). One token per word, so a word's
+    meaning sits in one place: a tiny random encoder keeps "red" and "blue" far easier to tell apart than
+    byte runs."""
+
+    vocab_size = 4096 + _Tokenizer.offset
+
+    def ids(self, caption: str) -> list[int]:
+        words = re.findall(r"[^\W_]+", caption.lower())
+        return [self.offset + zlib.crc32(w.encode("utf-8")) % (self.vocab_size - self.offset) for w in words]
 
 
 TOKENIZERS = {"bytes": ByteTokenizer, "words": WordTokenizer}

@@ -374,9 +374,8 @@ class GRPOStage(Stage):
         metrics["grpo/update_in_rollout"] = cur["updates"]
         if cur["updates"] == 1:
             metrics.update(cur["metrics"])  # the rollout's figures, logged once
-            # On-policy, the recomputed log-prob equals the rollout's up to numerics (batch composition,
-            # bf16): a drift near clip_range would clip the first update.
-            metrics["grpo/rollout_log_prob_drift"] = figures["log_ratio_abs_max"]
+            # On-policy, grpo/log_ratio_abs_max of this first update is the drift of the recomputed log-prob
+            # from the rollout's (numerics: batch composition, bf16); near clip_range it would clip the update.
         return metrics
 
 

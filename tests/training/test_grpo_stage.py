@@ -83,7 +83,7 @@ def test_first_update_is_on_policy_only_lora_changes_and_kl_starts_at_zero(tmp_p
     first, second = _rows(tmp_path)
     assert first["grpo/ratio_min"] == pytest.approx(1.0, abs=1e-5)
     assert first["grpo/ratio_max"] == pytest.approx(1.0, abs=1e-5)
-    assert first["grpo/rollout_log_prob_drift"] < 1e-5
+    assert first["grpo/log_ratio_abs_max"] < 1e-5
     assert first["grpo/kl"] == pytest.approx(0.0, abs=1e-10)  # LoRA up starts at zero: policy = reference
     assert second["grpo/update_in_rollout"] == 2 and "grpo/reward/brightness_test_mean" not in second
     assert abs(second["grpo/ratio_max"] - 1) > 1e-4 or abs(second["grpo/ratio_min"] - 1) > 1e-4
