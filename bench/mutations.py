@@ -55,6 +55,12 @@ DIST_CP = ("tests/training/test_distributed_train.py::test_context_parallel_trai
 CP_OPS = ("tests/parallel/test_context_parallel.py",)
 RL = ("tests/rl/test_formulas.py", "tests/rl/test_rollout.py")
 REWARDS = ("tests/rewards/test_rewards.py",)
+GRPO_STAGE = tuple(f"tests/training/test_grpo_stage.py::{t}" for t in (
+    "test_first_update_is_on_policy_only_lora_changes_and_kl_starts_at_zero",
+    "test_full_fine_tune_keeps_the_initial_weights_as_reference_across_resume",
+    "test_grpo_raises_a_closed_form_reward_with_bounded_kl", "test_resume_continues_exactly",
+    "test_update_in_chunks_equals_the_whole_batch"))
+GRPO_DP = ("tests/training/test_grpo_stage.py::test_fsdp_two_ranks_with_cp2_or_dp2_take_the_updates_of_one_process",)
 RECIPES = ("tests/training/test_stage_recipes.py",)
 PIPELINE = ("tests/training/test_pipeline.py",)
 
@@ -204,6 +210,24 @@ MUTATIONS: list[Mutation] = [
     M("grpo_loss_min_not_max", "lcv_train/rl/loss.py", "torch.maximum(-adv * ratio", "torch.minimum(-adv * ratio", RL),
     M("grpo_weight_inverted", "lcv_train/rl/loss.py", "torch.sqrt(s / (1 - s))", "torch.sqrt((1 - s) / s)", RL),
     M("rollout_step_off_by_one", "lcv_train/rl/rollout.py", "here = crit == i\n", "here = crit == i + 1\n", RL),
+    # the GRPO stage's plumbing (lcv_train/stages/grpo.py)
+    M("grpo_stage_seeds_by_local_index", "lcv_train/stages/grpo.py",
+      "prompt_generator(self.seed, batch_index, ctx.dims.dp_rank * P + j)",
+      "prompt_generator(self.seed, batch_index, j)", GRPO_DP, slow=True),
+    M("grpo_stage_rank0_advantages", "lcv_train/stages/grpo.py", "adv = adv_all[rank * P:(rank + 1) * P]",
+      "adv = adv_all[:P]", GRPO_DP, slow=True),
+    M("grpo_stage_reference_is_policy", "lcv_train/stages/grpo.py", "set_lora_multiplier(ctx.core_model, 0.0)",
+      "set_lora_multiplier(ctx.core_model, self.lora.multiplier)", GRPO_STAGE),
+    M("grpo_stage_old_log_prob_recomputed", "lcv_train/stages/grpo.py",
+      "out = grpo_loss(log_prob, part.log_prob, adv[lo:hi]", "out = grpo_loss(log_prob, log_prob.detach(), adv[lo:hi]",
+      GRPO_STAGE),
+    M("grpo_stage_chunks_unweighted", "lcv_train/stages/grpo.py", "ctx.engine.backward(out.loss * ((hi - lo) / N))",
+      "ctx.engine.backward(out.loss)", GRPO_STAGE),
+    M("grpo_stage_running_stats_reset", "lcv_train/stages/grpo.py", "        self.running.copy_(sd[\"running\"])\n", "",
+      GRPO_STAGE),
+    M("grpo_stage_full_ft_reference_not_kept", "lcv_train/stages/grpo.py",
+      "            self.reference = [p.detach().clone() for p in model.parameters() if p.requires_grad]",
+      "            self.reference = None", GRPO_STAGE),
     M("videoalign_lora_scale_inverted", "lcv_train/rewards/videoalign.py", "else alpha / r", "else r / alpha", REWARDS),
     M("qwen2vl_patch_time_channel_swapped", "lcv_train/rewards/qwen2vl.py", "x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)",
       "x.permute(0, 3, 6, 4, 7, 1, 2, 5, 8)", REWARDS),

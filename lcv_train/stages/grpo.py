@@ -121,6 +121,11 @@ class GRPOStage(Stage):
         if cfg.update_batch and train_cfg.parallel.engine != "fsdp":
             raise ConfigError(f"stage.update_batch: several backward passes per step need parallel.engine=fsdp "
                               f"(got {train_cfg.parallel.engine}); set stage.update_batch=0")
+        if not train_cfg.lora.rank and cfg.kl_beta > 0 and train_cfg.parallel.engine == "zero3":
+            raise ConfigError("stage.kl_beta: a full fine-tune's KL reference is a whole copy of the starting weights, "
+                              "swapped into the model for each update, but parallel.engine=zero3 keeps only a shard "
+                              "of each parameter on a rank; use parallel.engine=fsdp (a full fine-tune, or LoRA, whose "
+                              "reference is the base with LoRA off) or zero2, or stage.kl_beta=0")
         if train_cfg.trainer.grad_accum != 1:
             raise ConfigError(f"trainer.grad_accum: stage grpo takes one update per step over its rollout batch; "
                               f"set trainer.grad_accum=1 (got {train_cfg.trainer.grad_accum})")
@@ -310,7 +315,11 @@ class GRPOStage(Stage):
             x = flat[:, r]
             m[f"grpo/reward/{name}_mean"] = float(x.mean())
             m[f"grpo/reward/{name}_std"] = float(x.std(correction=0))
-            m[f"grpo/reward/{name}_group_std_max"] = float(rewards[..., r].std(dim=1, correction=0).max())
+            group_std = rewards[..., r].std(dim=1, correction=0)
+            m[f"grpo/reward/{name}_group_std_max"] = float(group_std.max())
+            # Groups whose G videos all scored the same: they give this reward no advantage (no signal). High
+            # for a coarse reward (a 0/1 judgement) on a model whose group members end alike.
+            m[f"grpo/reward/{name}_flat_groups"] = float((group_std == 0).double().mean())
             n0, mean0, m2 = (float(v) for v in self.running[r])
             n1 = x.numel()
             mean1, m2_1 = float(x.mean()), float(((x - x.mean()) ** 2).sum())

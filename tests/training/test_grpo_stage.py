@@ -150,6 +150,7 @@ def test_grpo_raises_a_closed_form_reward_with_bounded_kl(tmp_path):
     reward = [r["grpo/reward/brightness_test_mean"] for r in rows]
     first, last = sum(reward[:6]) / 6, sum(reward[-6:]) / 6
     assert last > first + 0.05, reward
+    assert all(r["grpo/reward/brightness_test_flat_groups"] == 0.0 for r in rows)  # a continuous reward
     assert max(r["grpo/kl"] for r in rows) < 10.0
 
 
@@ -188,6 +189,7 @@ def test_prompts_from_the_data_shards_reach_the_rewards_group_by_group(tmp_path)
     assert seen[0] == seen[1] == seen[2] and seen[3] == seen[4] == seen[5]
     (row,) = _rows(tmp_path)
     assert row["grpo/advantage_abs_max"] == 0.0
+    assert row["grpo/reward/prompt_recorder_test_flat_groups"] == 1.0  # every group scored alike
 
 
 def test_update_in_chunks_equals_the_whole_batch(tmp_path):
@@ -289,6 +291,20 @@ def test_grpo_config_errors_name_the_key(tmp_path):
         _config(tmp_path, "stage.rewards=[motion,brightness_test]")
     with pytest.raises(ConfigError, match=r"^stage\.prompts: no such file"):
         _config(tmp_path, f"stage.prompts={tmp_path / 'missing.txt'}")
+
+
+def test_full_fine_tune_with_a_kl_is_refused_under_zero3(tmp_path):
+    """ZeRO-3 keeps a shard of each parameter, so the whole-weights reference cannot be swapped in: one line
+    at start-up naming the fixes; fsdp, zero2 and kl_beta=0 are accepted (LoRA runs need fsdp anyway)."""
+    from lcv_train.stages import build_stage
+
+    cfg = _config(tmp_path, "lora.rank=0", "stage.kl_beta=0.01", "parallel.engine=zero3")
+    with pytest.raises(ConfigError, match=r"^stage\.kl_beta: a full fine-tune's KL reference .* parallel\.engine=fsdp "
+                                          r"\(.*\) or zero2, or stage\.kl_beta=0$"):
+        build_stage(cfg.stage, cfg)
+    for ok in (["stage.kl_beta=0"], ["parallel.engine=zero2"], ["parallel.engine=fsdp"]):
+        cfg = _config(tmp_path, "lora.rank=0", "stage.kl_beta=0.01", "parallel.engine=zero3", *ok)
+        build_stage(cfg.stage, cfg)
 
 
 def _cli_overrides(tmp_path) -> list[str]:
