@@ -65,18 +65,34 @@ def _rows(tmp_path, name="r"):
     return [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_first_update_is_on_policy_only_lora_changes_and_kl_starts_at_zero(tmp_path):
+def test_first_update_is_on_policy_only_lora_changes_and_kl_starts_at_zero(tmp_path, monkeypatch):
     """Two updates on one rollout. Catches: an old log-prob that is not the rollout policy's (ratio != 1 on the
-    first update), a second update that does not reuse the rollout (ratio stays 1), base weights that train
-    under LoRA, a reference that is not the base (KL != 0 while the LoRA up projections are still zero)."""
+    first update), a second update that does not reuse the rollout (ratio stays 1), a backpropagated loss
+    whose old log-prob is not the rollout's (the logged figures, computed apart, would still look right), base
+    weights that train under LoRA, a reference that is not the base (KL != 0 while the LoRA up projections are
+    still zero)."""
+    import lcv_train.stages.grpo as grpo_stage
     from lcv_train.lora import is_lora_name
     from lcv_train.training.trainer import Trainer
 
+    backpropagated = []  # (log_prob, old_log_prob) of every loss that carries a gradient
+    real_loss = grpo_stage.grpo_loss
+
+    def recording_loss(log_prob, old_log_prob, *args, **kwargs):
+        if log_prob.requires_grad:
+            backpropagated.append((log_prob.detach().clone(), old_log_prob.detach().clone()))
+        return real_loss(log_prob, old_log_prob, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_stage, "grpo_loss", recording_loss)
     cfg = _config(tmp_path, "trainer.max_steps=2", "stage.updates_per_rollout=2", "stage.kl_beta=0.1",
                   "stage.clip_range=0.5", "optim.lr=3e-2", "ema.decay=0")
     trainer = Trainer(cfg)
     before = {k: v.detach().clone() for k, v in trainer._core_model().state_dict().items()}
     trainer.fit()
+    rollout_log_prob = trainer.stage.current["rollout"].log_prob
+    (lp1, old1), (lp2, old2) = backpropagated
+    assert torch.equal(old1, rollout_log_prob) and torch.equal(old2, rollout_log_prob)
+    assert (lp2 - old2).abs().max() > 1e-4  # the second update is off-policy: its ratio can clip
     after = trainer._core_model().state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(is_lora_name(k) for k in changed), sorted(changed)[:5]
