@@ -30,6 +30,8 @@ from lcv_train.rewards import VideoScorer, register_scorer  # noqa: E402
 
 SECTION = "## GRPO reward curve on the tiny model (issue 13)"
 SECTION_TRAINED = "## GRPO with a reward from a trained demo model (issue 13)"
+SECTION_HELD_OUT = "## GRPO on the colours the demo model confuses, judged on held-out captions (issue 13)"
+TRAIN_SEED, HELD_OUT_SEED = 777, 4242  # captions GRPO trains on, and the held-out ones it is judged on
 
 
 @register_scorer("brightness")
@@ -40,18 +42,37 @@ class Brightness(VideoScorer):
         return videos.float().flatten(1).mean(1).cpu()
 
 
-def _from_our_run(run: Path, tmp: Path, sampling_steps: int) -> list[str]:
-    """Overrides that start GRPO from one of our runs (its EMA weights, model and text encoder) on the prompts
-    of its last evaluation (``eval/step_N/prompts.txt``: the held-out captions), at its sample size."""
+def synthetic_captions(n: int, seed: int, colours: list[str] | None = None) -> list[str]:
+    """``n`` captions of the synthetic world drawn like its clips (``make_clip``) from ``seed``, keeping only
+    those whose object has one of ``colours`` (all when None)."""
+    import numpy as np
+
+    from data_loaders.synthetic import make_clip, parse_caption
+
+    rng, out = np.random.default_rng(seed), []
+    while len(out) < n:
+        caption = make_clip(rng, 2, 16, 16)[1]["caption"]
+        if not colours or parse_caption(caption)["colour"] in colours:
+            out.append(caption)
+    return out
+
+
+def _from_our_run(run: Path, tmp: Path, sampling_steps: int, colours: list[str] | None = None) -> list[str]:
+    """Overrides that start GRPO from one of our runs (its EMA weights, model and text encoder) at its sample
+    size, on the prompts of its last evaluation (``eval/step_N/prompts.txt``: the held-out captions), or with
+    ``colours`` on 512 training-style captions of those object colours."""
     import shutil
 
     import yaml
 
     c = yaml.safe_load((run / "config.yaml").read_text())
-    evaluated = sorted(run.glob("eval/step_*/prompts.txt"))
-    if not evaluated:
-        sys.exit(f"grpo_curve: {run} has no eval/step_N/prompts.txt; evaluate the run first (eval.at_end=true)")
-    shutil.copyfile(evaluated[-1], tmp / "prompts.txt")
+    if colours:
+        (tmp / "prompts.txt").write_text("\n".join(synthetic_captions(512, TRAIN_SEED, colours)) + "\n")
+    else:
+        evaluated = sorted(run.glob("eval/step_*/prompts.txt"))
+        if not evaluated:
+            sys.exit(f"grpo_curve: {run} has no eval/step_N/prompts.txt; evaluate the run first (eval.at_end=true)")
+        shutil.copyfile(evaluated[-1], tmp / "prompts.txt")
     out = [f"model.{k}={v}" for k, v in c["model"].items() if k in ("hidden_size", "depth", "num_heads",
                                                                      "adaln_tembed_dim", "caption_channels")]
     out += [f"text_encoder.{k}={v}" for k, v in c["text_encoder"].items() if k in ("max_length", "tokenizer", "dim")]
@@ -63,7 +84,12 @@ def _from_our_run(run: Path, tmp: Path, sampling_steps: int) -> list[str]:
 
 
 def run(reward: str, steps: int, lr: float, clip: float, beta: float, init_from: Path | None = None,
-        prompts_per_step: int = 2, sampling_steps: int = 10) -> list[dict]:
+        prompts_per_step: int = 2, sampling_steps: int = 10, group_size: int = 4, colours: list[str] | None = None,
+        eval_every: int = 0, eval_prompts: int = 64) -> tuple[list[dict], list[dict]]:
+    """The per-step reward figures, and (``eval_every`` > 0, with ``init_from``) the held-out evaluations: before
+    the first update and every ``eval_every`` updates, ``eval_prompts`` captions (of ``colours``) from another
+    seed, each with its fixed noise, sampled with the run's ``sample.*`` settings and scored by
+    ``synthetic_compliance`` (the trainer's evaluator, EMA off so it scores the policy itself)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -78,11 +104,14 @@ def run(reward: str, steps: int, lr: float, clip: float, beta: float, init_from:
                  "synthetic.n=4", "synthetic.frames=5", "synthetic.height=16", "synthetic.width=16",
                  "data.buckets=[[5,16,16]]", "data.batch_size=2", "data.num_workers=0", "trainer.sample_at_end=false",
                  "eval.at_end=false", "trainer.device=cpu", "stage=grpo", f"stage.prompts={tmp / 'prompts.txt'}",
-                 "stage.group_size=4", f"stage.prompts_per_step={prompts_per_step}", f"trainer.max_steps={steps}",
+                 f"stage.group_size={group_size}", f"stage.prompts_per_step={prompts_per_step}", f"trainer.max_steps={steps}",
                  f"trainer.checkpoint_every={steps}", f"stage.rewards=[{reward}]", "stage.reward_weights=[1.0]",
                  f"stage.clip_range={clip}", f"stage.kl_beta={beta}", f"optim.lr={lr}", "ema.decay=0"]
     if init_from is not None:
-        overrides += _from_our_run(init_from, tmp, sampling_steps)
+        overrides += _from_our_run(init_from, tmp, sampling_steps, colours)
+        if eval_every:
+            overrides += [f"eval.every={eval_every}", "eval.samples=0", "eval.videos=false",
+                          "eval.scorers=[synthetic_compliance]"]
     else:
         torch.manual_seed(3)
         m = LongCatDiT.from_preset("tiny")
@@ -95,10 +124,20 @@ def run(reward: str, steps: int, lr: float, clip: float, beta: float, init_from:
                       "stage.guidance=1.0", "lora.rank=4", "lora.alpha=4.0", f"trainer.init_from={tmp / 'pub'}"]
     with initialize_config_dir(config_dir=str(Path(conf.__file__).parent), version_base=None):
         cfg = compose("train", overrides=overrides)
-    Trainer(train_config_from_dict(OmegaConf.to_container(cfg, resolve=True))).fit()
+    d = OmegaConf.to_container(cfg, resolve=True)
+    if eval_every and init_from is not None:
+        d["eval"]["prompts"] = synthetic_captions(eval_prompts, HELD_OUT_SEED, colours)
+    trainer = Trainer(train_config_from_dict(d))
+    evals = []
+    if eval_every and init_from is not None:
+        evals.append({"step": 0, **trainer.evaluator.run(0)})  # LoRA up projections are zero: the base model
+    trainer.fit()
     rows = [json.loads(x) for x in (tmp / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    evals += [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval/")}} for r in rows
+              if "eval/synthetic_compliance" in r or "eval/compliance" in r]
     return [{"step": r["step"], "reward": r[f"grpo/reward/{reward}_mean"], "kl": r["grpo/kl"],
-             "clip": r["grpo/clip_fraction"]} for r in rows]
+             "clip": r["grpo/clip_fraction"], "flat": r.get(f"grpo/reward/{reward}_flat_groups", float("nan"))}
+            for r in rows], evals
 
 
 def main() -> None:
@@ -112,23 +151,42 @@ def main() -> None:
                     "and roll out its held-out captions at its sample size")
     ap.add_argument("--prompts-per-step", type=int, default=2)
     ap.add_argument("--sampling-steps", type=int, default=10, help="with --init-from: rollout sampling steps")
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--colours", help="with --init-from: train on 512 captions of these object colours (comma "
+                    "separated, e.g. yellow,orange) instead of the run's evaluated prompts")
+    ap.add_argument("--eval-every", type=int, default=0, help="with --init-from: score held-out captions (of "
+                    "--colours) before the first update and every k updates")
+    ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--write", action="store_true", help="replace this script's section of bench/RESULTS.md")
     a = ap.parse_args()
-    rows = run(a.reward, a.steps, a.lr, a.clip, a.beta, a.init_from, a.prompts_per_step, a.sampling_steps)
-    section = SECTION if a.init_from is None else SECTION_TRAINED
+    colours = a.colours.split(",") if a.colours else None
+    rows, evals = run(a.reward, a.steps, a.lr, a.clip, a.beta, a.init_from, a.prompts_per_step, a.sampling_steps,
+                      a.group_size, colours, a.eval_every, a.eval_prompts)
+    section = SECTION if a.init_from is None else SECTION_HELD_OUT if evals else SECTION_TRAINED
     start = ("tiny DiT (random weights), LoRA r4, G=4, 2 prompts a step, 3 sampling steps, 2x16x16 videos"
              if a.init_from is None else
-             f"from the EMA weights of {a.init_from.name} (its model, text encoder and sample size; the prompts of "
-             f"its last evaluation), LoRA r8, G=4, {a.prompts_per_step} prompts a step, {a.sampling_steps} "
-             f"sampling steps")
+             f"from the EMA weights of {a.init_from.name} (its model, text encoder and sample size; "
+             + (f"512 training-style captions of {' and '.join(colours)} objects" if colours else
+                "the prompts of its last evaluation")
+             + f"), LoRA r8, G={a.group_size}, {a.prompts_per_step} prompts a step, {a.sampling_steps} sampling steps")
     extra = "" if a.init_from is None else (f" --init-from RUN --prompts-per-step {a.prompts_per_step} "
-                                            f"--sampling-steps {a.sampling_steps}")
+                                            f"--sampling-steps {a.sampling_steps} --group-size {a.group_size}"
+                                            + (f" --colours {a.colours}" if colours else "")
+                                            + (f" --eval-every {a.eval_every} --eval-prompts {a.eval_prompts}"
+                                               if a.eval_every else ""))
     lines = [section, "",
              f"`python bench/grpo_curve.py --reward {a.reward} --steps {a.steps} --lr {a.lr} --clip {a.clip} "
              f"--beta {a.beta}{extra}` ({platform.machine()}, {torch.get_num_threads()} threads, "
              f"{datetime.date.today()}): {start}, one update per rollout.", "",
-             f"| step | {a.reward} mean | KL to base | clip fraction |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['step']} | {r['reward']:.4f} | {r['kl']:.4f} | {r['clip']:.3f} |" for r in rows]
+             f"| step | {a.reward} mean | flat groups | KL to base | clip fraction |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['step']} | {r['reward']:.4f} | {r['flat']:.2f} | {r['kl']:.4f} | {r['clip']:.3f} |" for r in rows]
+    if evals:
+        lines += ["", f"Held-out: {a.eval_prompts} other captions (seed {HELD_OUT_SEED}"
+                  + (f", {' and '.join(colours)} objects" if colours else "") + "), each with its fixed noise, "
+                  "sampled with the run's sample.* settings (the trainer's evaluator) and scored by synthetic_compliance.",
+                  "", "| updates | compliance | colour | shape | motion |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {e['step']} | {e['eval/compliance']:.3f} | {e['eval/compliance/colour']:.3f} | "
+                  f"{e['eval/compliance/shape']:.3f} | {e['eval/compliance/motion']:.3f} |" for e in evals]
     first, last = rows[: max(1, len(rows) // 4)], rows[-max(1, len(rows) // 4):]
     mean = lambda rs: sum(r["reward"] for r in rs) / len(rs)  # noqa: E731
     lines += ["", f"Mean of the first {len(first)} steps {mean(first):.4f}, of the last {len(last)} "
