@@ -88,8 +88,9 @@ def run(reward: str, steps: int, lr: float, clip: float, beta: float, init_from:
         eval_every: int = 0, eval_prompts: int = 64) -> tuple[list[dict], list[dict]]:
     """The per-step reward figures, and (``eval_every`` > 0, with ``init_from``) the held-out evaluations: before
     the first update and every ``eval_every`` updates, ``eval_prompts`` captions (of ``colours``) from another
-    seed, each with its fixed noise, sampled with the run's ``sample.*`` settings and scored by
-    ``synthetic_compliance`` (the trainer's evaluator, EMA off so it scores the policy itself)."""
+    seed, each with its fixed noise, sampled with the run's ``sample.*`` settings at the rollouts' number of steps
+    (the sampler GRPO trains) and scored by ``synthetic_compliance`` (the trainer's evaluator, EMA off so it
+    scores the policy itself)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -111,7 +112,7 @@ def run(reward: str, steps: int, lr: float, clip: float, beta: float, init_from:
         overrides += _from_our_run(init_from, tmp, sampling_steps, colours)
         if eval_every:
             overrides += [f"eval.every={eval_every}", "eval.samples=0", "eval.videos=false",
-                          "eval.scorers=[synthetic_compliance]"]
+                          "eval.scorers=[synthetic_compliance]", f"sample.steps={sampling_steps}"]
     else:
         torch.manual_seed(3)
         m = LongCatDiT.from_preset("tiny")
@@ -183,7 +184,8 @@ def main() -> None:
     if evals:
         lines += ["", f"Held-out: {a.eval_prompts} other captions (seed {HELD_OUT_SEED}"
                   + (f", {' and '.join(colours)} objects" if colours else "") + "), each with its fixed noise, "
-                  "sampled with the run's sample.* settings (the trainer's evaluator) and scored by synthetic_compliance.",
+                  f"sampled with the run's sample.* settings at {a.sampling_steps} steps (the rollouts'; the trainer's evaluator) "
+                  "and scored by synthetic_compliance.",
                   "", "| updates | compliance | colour | shape | motion |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {e['step']} | {e['eval/compliance']:.3f} | {e['eval/compliance/colour']:.3f} | "
                   f"{e['eval/compliance/shape']:.3f} | {e['eval/compliance/motion']:.3f} |" for e in evals]
