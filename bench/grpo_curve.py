@@ -135,9 +135,9 @@ def run(reward: str, steps: int, lr: float, clip: float, beta: float, init_from:
     trainer.fit()
     rows = [json.loads(x) for x in (tmp / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
     evals += [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval/")}} for r in rows
-              if "eval/synthetic_compliance" in r or "eval/compliance" in r]
+              if "eval/compliance" in r]
     return [{"step": r["step"], "reward": r[f"grpo/reward/{reward}_mean"], "kl": r["grpo/kl"],
-             "clip": r["grpo/clip_fraction"], "flat": r.get(f"grpo/reward/{reward}_flat_groups", float("nan"))}
+             "clip": r["grpo/clip_fraction"], "flat": r[f"grpo/reward/{reward}_flat_groups"]}
             for r in rows], evals
 
 
