@@ -8,8 +8,8 @@ that trains with them uses these functions and keeps no copy of the formulas.
 
 from lcv_train.rl.advantages import group_advantages
 from lcv_train.rl.loss import STATS, GRPOLossOutput, grpo_loss, grpo_metrics, timestep_weight
-from lcv_train.rl.rollout import Rollout, prompt_generator, rollout
+from lcv_train.rl.rollout import Rollout, prompt_generator, prompt_line, rollout
 from lcv_train.rl.sde import sde_log_prob, sde_step
 
 __all__ = ["STATS", "GRPOLossOutput", "Rollout", "group_advantages", "grpo_loss", "grpo_metrics", "prompt_generator",
-           "rollout", "sde_log_prob", "sde_step", "timestep_weight"]
+           "prompt_line", "rollout", "sde_log_prob", "sde_step", "timestep_weight"]

@@ -58,6 +58,17 @@ def prompt_generator(seed: int, batch_index: int, prompt_index: int) -> torch.Ge
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def prompt_line(seed: int, num_lines: int, position: int) -> int:
+    """The line of a ``num_lines``-line prompts file for the job's ``position``-th prompt (rollout batch b,
+    prompt k of the job's batch of K: position b * K + k). The file is read in passes, each pass every line
+    once, in an order drawn for that pass from (seed, pass): every prompt gets the same share of the updates,
+    and the line depends on these numbers only (no state to save, the same on any rank)."""
+    digest = hashlib.sha256(f"grpo-prompts/{seed}/{position // num_lines}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    order = torch.randperm(num_lines, generator=gen)
+    return int(order[position % num_lines])
+
+
 @torch.no_grad()
 def rollout(v_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, group_size: int,
             sde_window: tuple[int, int], eta: float = 1.0, std_max: float | None = None,

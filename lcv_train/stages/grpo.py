@@ -3,11 +3,12 @@
 One trainer step is one optimizer update. Every ``updates_per_rollout`` steps the stage makes a new rollout
 batch on each data-parallel rank (its groups stay whole on that rank):
 
-1. prompts: ``prompts_per_step`` lines of the ``prompts`` file, or the captions of the next data batch
-   (``prompts: null``);
+1. prompts: ``prompts_per_step`` lines of the ``prompts`` file (read in passes, each line once a pass, in
+   a fresh order each pass), or the captions of the next data batch (``prompts: null``);
 2. ``lcv_train.rl.rollout``: G samples per prompt from one initial noise, Euler ODE steps with CFG, one
-   critical SDE step per prompt drawn from ``sde_window``. Prompt k of the job's batch draws its line of the
-   file, its noise, its critical step and its SDE noise from ``prompt_generator(seed, rollout index, k)``:
+   critical SDE step per prompt drawn from ``sde_window``. Prompt k of the job's batch draws its noise, its
+   critical step and its SDE noise from ``prompt_generator(seed, rollout index, k)`` (its line of the file
+   from ``prompt_line``, a function of the same numbers):
    the job's rollouts are the same however ranks split them, and a resume draws them again without state;
 3. decode with the trainer's codec, score with every reward (``lcv_train.rewards``), gather the rewards
    of all data-parallel ranks and take ``group_advantages`` over the global batch (so the largest group
@@ -30,6 +31,7 @@ rollout (resume is exact when ``trainer.checkpoint_every`` is a multiple of ``up
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,7 +40,8 @@ import torch.distributed as dist
 
 from lcv_train.diffusion import null_text
 from lcv_train.errors import ConfigError, require
-from lcv_train.rl import Rollout, group_advantages, grpo_loss, grpo_metrics, prompt_generator, rollout, sde_step
+from lcv_train.rl import (Rollout, group_advantages, grpo_loss, grpo_metrics, prompt_generator, prompt_line, rollout,
+                          sde_step)
 from lcv_train.sampling import guided_velocity, sigma_schedule
 from lcv_train.stages.base import Stage, StageConfig, StepContext, register_stage
 
@@ -175,8 +178,6 @@ class GRPOStage(Stage):
             digest = source_fingerprint(t.init_from, t.init_weights)
             self.reference_from = f"trainer.init_from={t.init_from}"
         else:
-            import hashlib
-
             digest = hashlib.sha256(f"seed {self.seed}".encode()).hexdigest()
             self.reference_from = f"the weights of run.seed={self.seed} (no trainer.init_from)"
         self.reference_source = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
@@ -227,14 +228,14 @@ class GRPOStage(Stage):
                     p.copy_(s)
 
     # -- rollouts ----------------------------------------------------------------------------------
-    def prompts_for(self, ctx: StepContext, gens: list[torch.Generator]) -> tuple[list[str], torch.Tensor,
-                                                                                 torch.Tensor]:
-        """This rank's prompts, one per generator of ``gens`` (a line of the prompts file drawn from it), or the
-        captions of the next data batch."""
-        P = len(gens)
+    def prompts_for(self, ctx: StepContext, batch_index: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """This rank's ``prompts_per_step`` prompts of rollout batch ``batch_index``: lines of the prompts file
+        (``prompt_line`` of each prompt's position in the job's sequence of prompts), or the captions of the next
+        data batch."""
+        P = self.cfg.prompts_per_step
         if self.prompt_list is not None:
-            idx = [int(torch.randint(len(self.prompt_list), (1,), generator=g)) for g in gens]
-            prompts = [self.prompt_list[i] for i in idx]
+            first = batch_index * ctx.dims.dp_size * P + ctx.dims.dp_rank * P
+            prompts = [self.prompt_list[prompt_line(self.seed, len(self.prompt_list), first + j)] for j in range(P)]
             text, mask = ctx.text_encoder.encode(prompts)
             return prompts, text.float().to(ctx.device), mask.to(ctx.device, torch.bool)
         batch = ctx.next_batch()
@@ -249,12 +250,13 @@ class GRPOStage(Stage):
         c = self.cfg
         ctx.phase("forward")
         P, G = c.prompts_per_step, c.group_size
-        # Prompt k of the job's batch (this rank holds k = dp_rank * P + j) draws its line of the prompts file,
-        # its initial noise, its critical step and its G SDE noises from its own generator: a function of the
-        # run seed, the rollout batch and k, so the job's rollouts do not depend on how ranks split them.
+        # Prompt k of the job's batch (this rank holds k = dp_rank * P + j) draws its initial noise, its critical
+        # step and its G SDE noises from its own generator, and takes its line of the prompts file from
+        # prompt_line: functions of the run seed, the rollout batch and k, so the job's rollouts do not depend
+        # on how ranks split them.
         batch_index = (ctx.step - 1) // c.updates_per_rollout
         gens = [prompt_generator(self.seed, batch_index, ctx.dims.dp_rank * P + j) for j in range(P)]
-        prompts, text, mask = self.prompts_for(ctx, gens)
+        prompts, text, mask = self.prompts_for(ctx, batch_index)
         text_g, mask_g = text.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
         shape = ctx.codec.latent_shape(c.frames, c.height, c.width)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(ctx.device)

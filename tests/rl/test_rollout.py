@@ -4,7 +4,7 @@ published-sign velocity E[x0 - eps | x_sigma] is known."""
 import pytest
 import torch
 
-from lcv_train.rl import prompt_generator, rollout, sde_step
+from lcv_train.rl import prompt_generator, prompt_line, rollout, sde_step
 from lcv_train.sampling.sampler import sigma_schedule
 
 MU, S0 = 0.7, 0.5      # data x0 ~ N(MU, S0^2) per element
@@ -97,3 +97,18 @@ def test_a_prompts_rollout_depends_on_its_own_generator_only():
         assert torch.equal(getattr(alone, name), getattr(every, name)[8:12]), name
     other = rollout(gaussian_velocity, noise[2:], sigmas, 4, (1, 6), 1.0, 0.45, generator=[prompt_generator(5, 3, 2)])
     assert not torch.equal(other.final, alone.final)  # another rollout batch draws other noise
+
+
+def test_prompt_lines_come_in_passes_each_line_once_in_a_fresh_order():
+    """``prompt_line(seed, n, position)``: positions ``p*n .. p*n + n - 1`` (pass p) take every line exactly once,
+    two passes and two seeds differ in order, and the line is a function of (seed, n, position) alone, so
+    splitting the job's prompts over ranks changes nothing. Catches a draw with replacement (a pass would repeat
+    a line and skip another: unequal shares of the updates) and one order for every pass."""
+    n = 7
+    passes = [[prompt_line(11, n, p * n + i) for i in range(n)] for p in range(4)]
+    for lines in passes:
+        assert sorted(lines) == list(range(n))
+    assert len({tuple(lines) for lines in passes}) > 1
+    assert [prompt_line(12, n, i) for i in range(n)] != passes[0]  # 7! orders: equal by chance 1 in 5040
+    assert [prompt_line(11, n, 9 + i) for i in range(3)] == [passes[1][2], passes[1][3], passes[1][4]]
+    assert prompt_line(3, 1, 5) == 0
