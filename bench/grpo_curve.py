@@ -33,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_loaders.synthetic import synthetic_captions  # noqa: E402
 from lcv_train.rewards import VideoScorer, register_scorer  # noqa: E402
 
 SECTION = "## GRPO reward curve on the tiny model (issue 13)"
@@ -50,21 +51,6 @@ class Brightness(VideoScorer):
         return videos.float().flatten(1).mean(1).cpu()
 
 
-def synthetic_captions(n: int, seed: int, colours: list[str] | None = None, still: bool = False) -> list[str]:
-    """``n`` captions of the synthetic world drawn like its clips (``make_clip``) from ``seed``, keeping only
-    those whose object has one of ``colours`` (all when None); ``still``: captions of still images (no motion)."""
-    import numpy as np
-
-    from data_loaders.synthetic import make_clip, parse_caption
-
-    rng, out = np.random.default_rng(seed), []
-    while len(out) < n:
-        caption = make_clip(rng, 1 if still else 2, 16, 16)[1]["caption"]
-        if not colours or parse_caption(caption)["colour"] in colours:
-            out.append(caption)
-    return out
-
-
 def _from_our_run(run: Path, tmp: Path, sampling_steps: int, colours: list[str] | None = None,
                   train_prompts: int = 0) -> list[str]:
     """Overrides that start GRPO from one of our runs (its EMA weights, model and text encoder) at its sample
@@ -76,7 +62,7 @@ def _from_our_run(run: Path, tmp: Path, sampling_steps: int, colours: list[str] 
 
     c = yaml.safe_load((run / "config.yaml").read_text())
     if colours or train_prompts:
-        captions = synthetic_captions(train_prompts or 512, TRAIN_SEED, colours, still=c["sample"]["frames"] == 1)
+        captions = synthetic_captions(train_prompts or 512, TRAIN_SEED, c["sample"]["frames"] == 1, colours)
         (tmp / "prompts.txt").write_text("\n".join(captions) + "\n")
     else:
         evaluated = sorted(run.glob("eval/step_*/prompts.txt"))
@@ -144,7 +130,7 @@ def run(reward: str, steps: int, lr: float, clip: float, beta: float, init_from:
             own = (tmp / "prompts.txt").read_text().split("\n")[:train_prompts]
             d["eval"]["prompts"] = [p for p in own for _ in range(max(1, eval_prompts // train_prompts))]
         else:
-            d["eval"]["prompts"] = synthetic_captions(eval_prompts, HELD_OUT_SEED, colours, d["stage"]["frames"] == 1)
+            d["eval"]["prompts"] = synthetic_captions(eval_prompts, HELD_OUT_SEED, d["stage"]["frames"] == 1, colours)
     trainer = Trainer(train_config_from_dict(d))
     evals = []
     if eval_every and init_from is not None:

@@ -129,6 +129,18 @@ def make_clip(rng: np.random.Generator, frames: int, height: int, width: int) ->
     return out, attrs
 
 
+def synthetic_captions(n: int, seed: int, still: bool = False, colours: Sequence[str] | None = None) -> list[str]:
+    """``n`` captions drawn like the set's clips (``make_clip`` from ``np.random.default_rng(seed)``), of still
+    images (no motion) when ``still``, keeping only objects of ``colours`` when given: prompts for GRPO and
+    evaluation that follow the set's grammar."""
+    rng, out = np.random.default_rng(seed), []
+    while len(out) < n:
+        caption = make_clip(rng, 1 if still else 2, 16, 16)[1]["caption"]
+        if not colours or parse_caption(caption)["colour"] in colours:
+            out.append(caption)
+    return out
+
+
 def iter_synthetic(
     n: int,
     frames: int | Sequence[int],

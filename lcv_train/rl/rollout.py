@@ -17,6 +17,7 @@ whichever data-parallel rank holds it (the caller draws the prompt's initial noi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,10 +64,14 @@ def prompt_line(seed: int, num_lines: int, position: int) -> int:
     prompt k of the job's batch of K: position b * K + k). The file is read in passes, each pass every line
     once, in an order drawn for that pass from (seed, pass): every prompt gets the same share of the updates,
     and the line depends on these numbers only (no state to save, the same on any rank)."""
-    digest = hashlib.sha256(f"grpo-prompts/{seed}/{position // num_lines}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    order = torch.randperm(num_lines, generator=gen)
-    return int(order[position % num_lines])
+    return int(_pass_order(seed, num_lines, position // num_lines)[position % num_lines])
+
+
+@functools.lru_cache(maxsize=2)
+def _pass_order(seed: int, num_lines: int, pass_index: int) -> torch.Tensor:
+    """One pass's order of the lines (kept for the pass's remaining prompts, and the next pass's first)."""
+    digest = hashlib.sha256(f"grpo-prompts/{seed}/{pass_index}".encode()).digest()
+    return torch.randperm(num_lines, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
+from data_loaders.synthetic import synthetic_captions
 
 BASE_STEPS, UPDATES, LR = 600, 40, 1e-2
 PROMPTS, GROUP = 8, 8  # eight captions, each rolled out eight times an update: 64 videos
@@ -38,14 +38,6 @@ def _compose(overrides: list[str]):
     return train_config_from_dict(OmegaConf.to_container(cfg, resolve=True))
 
 
-def still_captions(n: int, seed: int) -> list[str]:
-    """``n`` captions of the synthetic world's still images (no motion), drawn like its clips."""
-    from data_loaders.synthetic import make_clip
-
-    rng = np.random.default_rng(seed)
-    return [make_clip(rng, 1, 16, 16)[1]["caption"] for _ in range(n)]
-
-
 def grpo_on_stills(tmp: Path, seed: int = 0, updates: int = UPDATES, lr: float = LR) -> dict:
     """Train the base on stills, run GRPO from it; the evaluator's figures before the first update and after
     the last, and the GRPO run's per-step rows."""
@@ -57,7 +49,7 @@ def grpo_on_stills(tmp: Path, seed: int = 0, updates: int = UPDATES, lr: float =
     Trainer(_compose(common + ["run.name=base", f"trainer.max_steps={BASE_STEPS}",
                                f"trainer.checkpoint_every={BASE_STEPS}", "eval.at_end=false"])).fit()
 
-    captions = still_captions(PROMPTS, CAPTION_SEED)
+    captions = synthetic_captions(PROMPTS, CAPTION_SEED, still=True)
     (tmp / "prompts.txt").write_text("\n".join(captions) + "\n")
     cfg = _compose(common + [
         "run.name=grpo", f"run.seed={seed}", "stage=grpo", f"trainer.init_from={tmp / 'runs' / 'base'}",
